@@ -1,0 +1,277 @@
+"""The `dicom-ai-node` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dicom_ai_node import __version__
+from dicom_ai_node.config import NodeSettings, load_settings
+from dicom_ai_node.domain.jobs import JobKind, JobStatus
+from dicom_ai_node.errors import ConfigError, DeliveryError, InvalidDicomError, RuleError
+
+app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
+rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
+jobs_app = typer.Typer(help="The job queue.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="node.yaml (default: $AINODE_CONFIG or config/node.yaml if present)"),
+]
+
+log = logging.getLogger("dicom_ai_node")
+
+
+def _settings(config: Path | None) -> NodeSettings:
+    import os
+
+    path = config or (Path(os.environ["AINODE_CONFIG"]) if os.environ.get("AINODE_CONFIG") else None)
+    if path is None and Path("config/node.yaml").exists():
+        path = Path("config/node.yaml")
+    try:
+        return load_settings(path, base_dir=Path.cwd())
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep its warnings only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _parse_peer(value: str) -> tuple[str, str, int]:
+    try:
+        ae_title, rest = value.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        return ae_title, host, int(port)
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected AET@HOST:PORT, got {value!r}") from exc
+
+
+def _wait_for_signal() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    http: Annotated[bool, typer.Option(help="Serve the admin web page and API")] = True,
+    workers: Annotated[bool, typer.Option(help="Run infer + deliver workers in this process")] = True,
+) -> None:
+    """Embedded node: DICOM SCP + completion sweeps + workers + admin HTTP, in one process."""
+    from dicom_ai_node.node import build_scheduler, build_services, build_workers, start_worker_threads
+    from dicom_ai_node.receive.scp import StorageSCP
+
+    settings = _settings(config)
+    _setup_logging(settings.log_level)
+    services = build_services(settings)
+    dropped = services.spool.clean_incoming()
+    if dropped:
+        log.info("removed %d unacknowledged partial files from the spool", dropped)
+    stop = _wait_for_signal()
+    scp = StorageSCP(settings, services.spool, services.repo)
+    scp.start()
+    scheduler = build_scheduler(services)
+    scheduler.start()
+    threads = start_worker_threads(build_workers(services, list(JobKind)), stop) if workers else []
+    server = None
+    if http:
+        from dicom_ai_node.api.server import start_http
+
+        server = start_http(services, settings.http.bind, settings.http.port)
+    log.info("dicom-ai-node %s: AE %s on %s:%d, admin http://%s:%d/", __version__, settings.ae_title,
+             settings.dicom.bind, scp.port, settings.http.bind, settings.http.port)
+    stop.wait()
+    scp.stop()
+    scheduler.shutdown(wait=False)
+    if server is not None:
+        server.should_exit = True
+    for t in threads:
+        t.join(timeout=30)
+    log.info("stopped")
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    kind: Annotated[Optional[list[JobKind]], typer.Option(help="Job kinds to run (default: all)")] = None,
+) -> None:
+    """A separate worker process (scale-out: one per GPU) against the shared database and spool."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from dicom_ai_node.node import build_services, build_workers, start_worker_threads
+
+    settings = _settings(config)
+    _setup_logging(settings.log_level)
+    services = build_services(settings)
+    stop = _wait_for_signal()
+    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
+    scheduler.add_job(lambda: services.queue.recover_stalled(settings.worker.lease_s), "interval",
+                      seconds=max(1.0, settings.worker.heartbeat_s))
+    scheduler.start()
+    threads = start_worker_threads(build_workers(services, kind or list(JobKind)), stop)
+    stop.wait()
+    scheduler.shutdown(wait=False)
+    for t in threads:
+        t.join(timeout=30)
+
+
+def _collect_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        else:
+            files.append(p)
+    return files
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders")],
+    to: Annotated[str, typer.Option("--to", help="AET@HOST:PORT of the receiver")],
+    calling_aet: Annotated[str, typer.Option(help="Our calling AE title")] = "AINODE",
+) -> None:
+    """C-STORE files to a DICOM peer (with a progress bar)."""
+    from dicom_ai_node.deliver.dimse import DicomPeer, send_files
+
+    ae_title, host, port = _parse_peer(to)
+    files = _collect_files(paths)
+    if not files:
+        typer.echo("error: no files to send", err=True)
+        raise typer.Exit(2)
+    with typer.progressbar(length=len(files), label=f"C-STORE to {ae_title}") as bar:
+        try:
+            report = send_files(files, DicomPeer(ae_title, host, port, calling_aet), lambda _p, _n: bar.update(1))
+        except (DeliveryError, InvalidDicomError) as exc:
+            typer.echo(f"\nerror: {exc}", err=True)
+            raise typer.Exit(1) from exc
+    typer.echo(f"sent {len(report.sent)} instances ({len(report.warnings)} with warnings)")
+
+
+@app.command()
+def echo(
+    peer: Annotated[str, typer.Argument(help="AET@HOST:PORT")],
+    calling_aet: Annotated[str, typer.Option(help="Our calling AE title")] = "AINODE",
+) -> None:
+    """C-ECHO a DICOM peer."""
+    from dicom_ai_node.deliver.dimse import DicomPeer
+    from dicom_ai_node.deliver.dimse import echo as c_echo
+
+    ae_title, host, port = _parse_peer(peer)
+    try:
+        status = c_echo(DicomPeer(ae_title, host, port, calling_aet))
+    except DeliveryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"C-ECHO {ae_title}@{host}:{port}: status 0x{status:04X}")
+    raise typer.Exit(0 if status == 0 else 1)
+
+
+@rules_app.command("validate")
+def rules_validate(
+    file: Annotated[Path, typer.Argument(help="rules.yaml to check")],
+    config: ConfigOption = None,
+) -> None:
+    """Check a rules file: syntax, operators, regexes, and that models and destinations exist."""
+    from dicom_ai_node.domain.rules import load_rules
+    from dicom_ai_node.infer.registry import default_registry
+
+    settings = _settings(config)
+    try:
+        ruleset = load_rules(file)
+    except RuleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    problems = ruleset.check_references(default_registry().names(), [d.name for d in settings.destinations])
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{file}: {len(ruleset.rules)} rules OK")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: ConfigOption = None,
+    status: Annotated[Optional[JobStatus], typer.Option()] = None,
+    kind: Annotated[Optional[JobKind], typer.Option()] = None,
+    limit: int = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List jobs, newest first."""
+    from dicom_ai_node.node import build_services
+
+    services = build_services(_settings(config))
+    jobs = services.queue.list_jobs(status=status, kind=kind, limit=limit)
+    if as_json:
+        typer.echo(json.dumps([_job_json(j) for j in jobs], indent=2))
+        return
+    typer.echo(f"{'ID':>6} {'KIND':8} {'STATUS':10} {'ATT':>5} {'UPDATED':20} DETAIL")
+    for j in jobs:
+        detail = j.last_error or j.payload.get("model") or j.payload.get("destination") or ""
+        typer.echo(f"{j.id:>6} {j.kind.value:8} {j.status.value:10} {j.attempts:>2}/{j.max_attempts:<2} "
+                   f"{j.updated_at:%Y-%m-%d %H:%M:%S}  {str(detail)[:80]}")
+
+
+def _job_json(j: object) -> dict[str, object]:
+    from dataclasses import asdict
+
+    data = asdict(j)  # type: ignore[call-overload]
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else getattr(v, "value", v)) for k, v in data.items()}
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
+    """Re-queue a dead or failed job (dead-letter replay)."""
+    from dicom_ai_node.node import build_services
+
+    services = build_services(_settings(config))
+    if not services.queue.retry(job_id):
+        typer.echo(f"error: job {job_id} is not dead or failed (or does not exist)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id} re-queued")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Built-in models."""
+    from dicom_ai_node.infer.registry import default_registry
+
+    for name in default_registry().names():
+        typer.echo(name)
+
+
+@app.command()
+def version() -> None:
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,224 @@
+"""Node configuration: a YAML file (config/node.yaml) with environment-variable overrides.
+
+Environment variables use the prefix ``AINODE_`` and ``__`` between nesting levels, e.g.
+``AINODE_DATABASE_URL=postgresql://...`` or ``AINODE_DICOM__PORT=11113``. Environment wins over the file.
+Invalid values raise `ConfigError` naming the key (``dicom.port``), so the CLI can print one clear line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dicom_ai_node.domain.results import OutputIdentity
+from dicom_ai_node.errors import ConfigError
+
+# PS3.5 6.2: AE titles are at most 16 characters, no backslash or control characters.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value):
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedPeer(_Strict):
+    """A calling AE allowed to associate; `hosts` (IP addresses or networks) narrows it further."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_ip(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            ipaddress.ip_network(host, strict=False)  # raises ValueError with the bad value
+        return hosts
+
+
+class DicomSettings(_Strict):
+    bind: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    # 128 KiB PDUs receive 17-40 % faster than pynetdicom's 16 KiB default (notes/orthanc-and-dimse.md).
+    max_pdu: int = Field(131072, ge=0)
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+    # The allow-list is on by default; an admin must opt out explicitly.
+    allow_any_peer: bool = False
+    acse_timeout_s: float = 30
+    dimse_timeout_s: float = 60
+    network_timeout_s: float = 60
+
+
+class HttpSettings(_Strict):
+    bind: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+
+
+class Destination(_Strict):
+    """Where results are sent. Only type `dicom` (C-STORE SCU) exists so far."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["dicom"] = "dicom"
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    max_pdu: int = Field(131072, ge=0)
+    timeout_s: float = 60
+    # Per-destination SEG option (notes/seg-sr.md): some viewers misplace SEGs with omitted frames.
+    omit_empty_frames: bool = True
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class WorkerSettings(_Strict):
+    lease_s: float = Field(120, gt=0)
+    heartbeat_s: float = Field(10, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    backoff_base_s: float = Field(5, gt=0)
+    backoff_cap_s: float = Field(600, gt=0)
+    kinds: list[Literal["infer", "deliver"]] = Field(default_factory=lambda: ["infer", "deliver"])
+
+    @model_validator(mode="after")
+    def _lease_longer_than_heartbeat(self) -> WorkerSettings:
+        if self.lease_s <= 2 * self.heartbeat_s:
+            raise ValueError("lease_s must be more than twice heartbeat_s")
+        return self
+
+
+class ModelSettings(_Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class IdentitySettings(_Strict):
+    manufacturer: str = "dicom-ai-node project"
+    manufacturer_model_name: str = "dicom-ai-node"
+    device_serial_number: str = "dicom-ai-node-1"
+    institution_name: str = ""
+    station_name: str = "AINODE"
+    seg_series_number: int = Field(9901, ge=1)
+    sr_series_number: int = Field(9902, ge=1)
+
+    def output_identity(self, software_version: str) -> OutputIdentity:
+        return OutputIdentity(
+            manufacturer=self.manufacturer,
+            manufacturer_model_name=self.manufacturer_model_name,
+            software_versions=software_version,
+            device_serial_number=self.device_serial_number,
+            institution_name=self.institution_name,
+            station_name=self.station_name,
+            seg_series_number=self.seg_series_number,
+            sr_series_number=self.sr_series_number,
+        )
+
+
+class NodeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AINODE_", env_nested_delimiter="__", extra="forbid")
+
+    ae_title: str = "AINODE"
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    spool_dir: Path = Path("var/spool")
+    database_url: str = "sqlite:///var/ainode.db"
+    # Below this much free disk the SCP refuses instances with 0xA700 instead of risking a torn write.
+    disk_reserve_mb: int = Field(500, ge=0)
+    quiet_period_s: float = Field(5, ge=0)
+    sweep_interval_s: float = Field(1, gt=0)
+    rules_file: Path = Path("config/rules.yaml")
+    destinations: list[Destination] = Field(default_factory=list)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, url: str) -> str:
+        if not url.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return url
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> NodeSettings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"destination names must be unique: {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file comes in as init kwargs; environment variables override it.
+        return (env_settings, init_settings)
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise ConfigError("destinations", f"no destination named {name!r}")
+
+    def resolve_paths(self, base: Path) -> NodeSettings:
+        """Make relative paths relative to the config file's directory's parent (the install root)."""
+        updates: dict[str, Any] = {}
+        if not self.spool_dir.is_absolute():
+            updates["spool_dir"] = (base / self.spool_dir).resolve()
+        if not self.rules_file.is_absolute():
+            updates["rules_file"] = (base / self.rules_file).resolve()
+        if self.database_url.startswith("sqlite:///") and not self.database_url.startswith("sqlite:////"):
+            rel = self.database_url.removeprefix("sqlite:///")
+            updates["database_url"] = "sqlite:///" + str((base / rel).resolve())
+        return self.model_copy(update=updates)
+
+
+def _format_validation_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    return ConfigError(key, first["msg"])
+
+
+def load_settings(path: Path | None = None, base_dir: Path | None = None) -> NodeSettings:
+    """Load settings from a YAML file (optional) plus environment overrides.
+
+    Relative paths resolve against `base_dir`, by default the current working directory.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("<file>", f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("<file>", f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("<root>", f"{path} must hold a mapping at the top level")
+        data = loaded or {}
+    try:
+        settings = NodeSettings(**data)
+    except ValidationError as exc:
+        raise _format_validation_error(exc) from exc
+    return settings.resolve_paths(base_dir or Path.cwd())

@@ -1,0 +1,163 @@
+"""C-STORE SCU: send files to a DICOM peer, classifying failures as transient or permanent.
+
+Proposes only the (SOP class, transfer syntax) pairs the files need, plus uncompressed fallbacks, so a
+PACS's 128-context limit is never an issue. Statuses follow PS3.4 Annex B: 0xA7xx (out of resources) is
+transient; 0xA9xx / 0xCxxx and any other failure are permanent; warnings (0xB0xx) count as stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from dicom_ai_node.dimse_socket import set_tcp_nodelay
+from dicom_ai_node.errors import InvalidDicomError, PermanentDeliveryError, TransientDeliveryError
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
+
+
+@dataclass(frozen=True)
+class DicomPeer:
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str = "AINODE"
+    max_pdu: int = 131072
+    timeout_s: float = 60
+
+
+@dataclass
+class StoreReport:
+    sent: list[str] = field(default_factory=list)  # SOP Instance UIDs stored (incl. warnings)
+    warnings: dict[str, int] = field(default_factory=dict)
+
+
+def _is_transient_status(status: int) -> bool:
+    return 0xA700 <= status <= 0xA7FF
+
+
+def _is_stored(status: int) -> bool:
+    return status == 0x0000 or 0xB000 <= status <= 0xBFFF
+
+
+def _file_contexts(paths: Sequence[Path]) -> dict[Path, list[tuple[str, str]]]:
+    """(SOP class, transfer syntax) pairs each file needs: its own syntax plus uncompressed fallbacks."""
+    needs: dict[Path, list[tuple[str, str]]] = {}
+    for path in paths:
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except (OSError, ValueError, EOFError) as exc:
+            raise InvalidDicomError(f"cannot read {path.name}: {exc}") from exc
+        sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
+        tsyntax = str(ds.file_meta.TransferSyntaxUID)
+        needs[path] = list(dict.fromkeys((sop_class, ts) for ts in (tsyntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian)))
+    return needs
+
+
+def _build_ae(peer: DicomPeer) -> AE:
+    ae = AE(ae_title=peer.calling_ae_title)
+    ae.maximum_pdu_size = peer.max_pdu
+    ae.acse_timeout = peer.timeout_s
+    ae.dimse_timeout = peer.timeout_s
+    ae.network_timeout = peer.timeout_s
+    return ae
+
+
+def _associate(ae: AE, peer: DicomPeer, contexts: list) -> object:
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        contexts=contexts,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+    )
+    if assoc.is_rejected:
+        raise PermanentDeliveryError(f"association rejected by {peer.ae_title}@{peer.host}:{peer.port}")
+    if not assoc.is_established:
+        raise TransientDeliveryError(f"cannot associate with {peer.ae_title}@{peer.host}:{peer.port}")
+    return assoc
+
+
+def echo(peer: DicomPeer) -> int:
+    """C-ECHO the peer; returns the status (0x0000 on success)."""
+    ae = _build_ae(peer)
+    assoc = _associate(ae, peer, [build_context(Verification)])
+    try:
+        status = assoc.send_c_echo()  # type: ignore[attr-defined]
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+    if not status:
+        raise TransientDeliveryError(f"no C-ECHO response from {peer.ae_title}")
+    return int(status.Status)
+
+
+def send_files(
+    paths: Sequence[Path],
+    peer: DicomPeer,
+    progress: Callable[[Path, int], None] | None = None,
+) -> StoreReport:
+    """C-STORE every file over associations of at most 128 contexts; raise on the first failure."""
+    report = StoreReport()
+    paths = [Path(p) for p in paths]
+    by_file = _file_contexts(paths)
+    # Group files so that each association's contexts fit the limit (usually one association).
+    batches: list[tuple[list[tuple[str, str]], list[Path]]] = []
+    current_pairs: list[tuple[str, str]] = []
+    current_paths: list[Path] = []
+    for path in paths:
+        needed = [pr for pr in by_file[path] if pr not in current_pairs]
+        if len(current_pairs) + len(needed) > MAX_CONTEXTS and current_paths:
+            batches.append((current_pairs, current_paths))
+            current_pairs, current_paths = [], []
+        current_pairs.extend(pr for pr in by_file[path] if pr not in current_pairs)
+        current_paths.append(path)
+    if current_paths:
+        batches.append((current_pairs, current_paths))
+
+    ae = _build_ae(peer)
+    for batch_pairs, batch_paths in batches:
+        contexts = []
+        for sop_class in dict.fromkeys(sc for sc, _ in batch_pairs):
+            syntaxes = [ts for sc, ts in batch_pairs if sc == sop_class]
+            contexts.append(build_context(sop_class, syntaxes))
+        assoc = _associate(ae, peer, contexts[:MAX_CONTEXTS])
+        try:
+            for path in batch_paths:
+                _store_one(assoc, path, peer, report)
+                if progress is not None:
+                    progress(path, len(report.sent))
+        finally:
+            if assoc.is_established:  # type: ignore[attr-defined]
+                assoc.release()  # type: ignore[attr-defined]
+    return report
+
+
+def _store_one(assoc: object, path: Path, peer: DicomPeer, report: StoreReport) -> None:
+    try:
+        status = assoc.send_c_store(path)  # type: ignore[attr-defined]
+    except ValueError as exc:
+        # No accepted presentation context for this SOP class / transfer syntax.
+        raise PermanentDeliveryError(f"{peer.ae_title} accepts no context for {path.name}: {exc}") from exc
+    if not status:
+        raise TransientDeliveryError(f"no C-STORE response from {peer.ae_title} (timeout or abort)")
+    code = int(status.Status)
+    sop_uid = str(getattr(status, "AffectedSOPInstanceUID", "") or path.stem)
+    if _is_stored(code):
+        report.sent.append(sop_uid)
+        if code != 0:
+            report.warnings[sop_uid] = code
+        return
+    message = f"{peer.ae_title} answered C-STORE of SOP {sop_uid} with 0x{code:04X}"
+    if _is_transient_status(code):
+        raise TransientDeliveryError(message)
+    raise PermanentDeliveryError(message)

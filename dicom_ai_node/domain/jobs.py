@@ -1,0 +1,39 @@
+"""Job kinds and states of the durable queue (DESIGN.md, "Queue and persistence")."""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+
+class JobKind(str, enum.Enum):
+    INFER = "infer"
+    DELIVER = "deliver"
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # failed one attempt, waiting for its retry (scheduled_at in the future)
+    DEAD = "dead"  # exhausted or permanent failure: dead letter, re-playable by an admin
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter and a cap.
+
+    Fixed short retries hammer a PACS that is down (MONAI informatics-gateway#153); fixed long ones
+    (mercure 900 s x 5) leave results hours late. Delay for attempt n (1-based) is drawn uniformly from
+    [base * 2**(n-1) / 2, base * 2**(n-1)], capped at `cap_s`.
+    """
+
+    base_s: float = 5.0
+    cap_s: float = 600.0
+    max_attempts: int = 8
+
+    def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
+        r = (rng or random).random()
+        return ceiling / 2 + r * ceiling / 2

@@ -1,0 +1,50 @@
+"""Small helpers shared by the SEG and SR encoders."""
+
+from __future__ import annotations
+
+import copy
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+
+from dicom_ai_node.domain.results import CodedConcept, ModelIdentity, RuleIdentity
+
+LONG_STRING_MAX = 64  # LO (PS3.5 6.2)
+
+# Type 2 attributes highdicom reads unconditionally from the first source/evidence header;
+# de-identified or sloppy sources sometimes drop them entirely, which must not cost the result.
+_TYPE2_IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+def with_type2_identity(ds: Dataset) -> Dataset:
+    """`ds`, or a copy of it with the missing Type 2 patient/study attributes present and empty."""
+    missing = [keyword for keyword in _TYPE2_IDENTITY if keyword not in ds]
+    if not missing:
+        return ds
+    patched = copy.deepcopy(ds)  # never modify the caller's dataset
+    for keyword in missing:
+        setattr(patched, keyword, "")
+    return patched
+
+
+def hd_code(concept: CodedConcept) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(concept.value, concept.scheme_designator, concept.meaning)
+
+
+def rule_parameters(rule: RuleIdentity) -> dict[str, str]:
+    """The rule identity as algorithm parameters (written to the SEG and the SR alike)."""
+    return {"rule_id": rule.rule_id, "rule_version": str(rule.rule_version)}
+
+
+def series_description(prefix: str, model: ModelIdentity) -> str:
+    """SeriesDescription of a result series (LO: at most 64 characters)."""
+    return f"{prefix} {model.name}"[:LONG_STRING_MAX]

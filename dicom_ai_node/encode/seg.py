@@ -1,0 +1,182 @@
+"""DICOM SEG (PS3.3 A.51, Segmentation IOD) for a label map on the exact source grid, via highdicom.
+
+Choices that make the SEG show up in viewers (see docs/notes seg-sr.md):
+- BINARY, Explicit VR Little Endian, one SEG per source series, frame i <-> source_datasets[i];
+- only segments the model actually found are described, renumbered 1..N in the order of the model's
+  segment list (a viewer shows an empty segment as a confusing empty entry; the SR says "not found");
+- every segment: SegmentLabel, SCT category/type, AUTOMATIC + AlgorithmIdentificationSequence
+  (model name/version/family), RecommendedDisplayCIELabValue, deterministic TrackingUID;
+- the routing rule that caused the result is recorded as AlgorithmParameters of the algorithm
+  identification ("rule_id=<id>,rule_version=<n>") and in ContentDescription ("rule <id> v<n>").
+- highdicom sets ReferencedSeriesSequence (OHIF needs it) and copies patient/study identity from the
+  first source header. Source headers may be read with `stop_before_pixels`: the pixel data is not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_ai_node.domain.results import (
+    ModelIdentity,
+    OutputIdentity,
+    ResultUids,
+    RuleIdentity,
+    SegmentSpec,
+)
+from dicom_ai_node.encode._common import (
+    LONG_STRING_MAX,
+    hd_code,
+    rule_parameters,
+    series_description,
+    with_type2_identity,
+)
+from dicom_ai_node.encode.measure import label_counts
+from dicom_ai_node.encode.uids import segment_tracking_uid
+from dicom_ai_node.errors import EncodeError, InferenceError
+
+
+
+def segment_numbers(
+    label_map: npt.NDArray[np.integer], segments: Sequence[SegmentSpec]
+) -> list[tuple[int, SegmentSpec]]:
+    """(SEG segment number, spec) for each declared segment present in `label_map`, numbered 1..N.
+
+    Numbers follow the order of `segments`; empty segments get no number. Raises InferenceError when
+    the label map holds a value that no segment declares (model output and manifest disagree).
+    """
+    _check_segment_specs(segments)
+    counts = label_counts(label_map)
+    declared = {spec.label_value for spec in segments}
+    undeclared = sorted(set(counts) - declared)
+    if undeclared:
+        raise InferenceError(f"label map contains undeclared label values {undeclared}")
+    present = [spec for spec in segments if counts.get(spec.label_value, 0) > 0]
+    return [(number, spec) for number, spec in enumerate(present, start=1)]
+
+
+def display_cielab(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """sRGB (0..255) to a DICOM-scaled CIELab triplet (PS3.3 C.10.7.1.1) for RecommendedDisplayCIELabValue."""
+    return tuple(hd.color.CIELabColor.from_rgb(*rgb).value)  # type: ignore[return-value]
+
+
+
+def encode_seg(
+    source_datasets: Sequence[Dataset],
+    label_map: npt.NDArray[np.integer],
+    segments: Sequence[SegmentSpec],
+    model: ModelIdentity,
+    rule: RuleIdentity,
+    identity: OutputIdentity,
+    uids: ResultUids,
+    *,
+    omit_empty_frames: bool = True,
+) -> Dataset | None:
+    """Encode `label_map` (frames, rows, cols; 0 = background) as a BINARY SEG of the source series.
+
+    `source_datasets` are the source headers in the order of the label map's first axis.
+    Returns None when no declared segment has a voxel: there is nothing to show, and the caller
+    writes only the SR (which reports every segment as not found).
+    """
+    _check_grid(source_datasets, label_map)
+    numbered = segment_numbers(label_map, segments)
+    if not numbered:
+        return None
+
+    # Label values -> SEG segment numbers 1..N (absent labels stay 0).
+    lut_size = max(int(label_map.max()), max(s.label_value for s in segments)) + 1
+    lut = np.zeros(lut_size, dtype=np.uint8 if len(numbered) <= 0xFF else np.uint16)
+    for number, spec in numbered:
+        lut[spec.label_value] = number
+    segment_array = lut[label_map]
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=model.name,
+        family=hd_code(model.family),
+        version=model.version,
+        parameters=rule_parameters(rule),
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=spec.label,
+            segmented_property_category=hd_code(spec.category),
+            segmented_property_type=hd_code(spec.property_type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=segment_tracking_uid(uids, spec.label_value),
+            tracking_id=spec.label,
+            anatomic_regions=(
+                [hd_code(spec.anatomic_region)] if spec.anatomic_region is not None else None
+            ),
+            display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
+        )
+        for number, spec in numbered
+    ]
+    extra: dict[str, str] = {}
+    if identity.institution_name:
+        extra["institution_name"] = identity.institution_name
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
+            pixel_array=segment_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=uids.seg_series_instance_uid,
+            series_number=identity.seg_series_number,
+            sop_instance_uid=uids.seg_sop_instance_uid,
+            instance_number=1,
+            manufacturer=identity.manufacturer,
+            manufacturer_model_name=identity.manufacturer_model_name,
+            software_versions=identity.software_versions,
+            device_serial_number=identity.device_serial_number,
+            content_description=f"rule {rule.rule_id} v{rule.rule_version}"[:LONG_STRING_MAX],
+            # Type 2: left empty; an automatic result has no human creator and this must never be PHI.
+            content_creator_name=None,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            omit_empty_frames=omit_empty_frames,
+            series_description=series_description(identity.seg_series_description_prefix, model),
+            **extra,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        series_uid = source_datasets[0].get("SeriesInstanceUID", "?")
+        raise EncodeError(f"cannot encode SEG for series {series_uid}: {exc}") from exc
+    if identity.station_name:
+        # Type 3 (General Equipment) that highdicom's constructor does not take.
+        seg.StationName = identity.station_name
+    return seg
+
+
+def _check_segment_specs(segments: Sequence[SegmentSpec]) -> None:
+    values = [spec.label_value for spec in segments]
+    if len(set(values)) != len(values):
+        raise EncodeError(f"duplicate label values in segment list: {values}")
+    if any(not 0 < v <= 0xFFFF for v in values):
+        raise EncodeError(f"label values must be in 1..65535: {values}")
+
+
+def _check_grid(source_datasets: Sequence[Dataset], label_map: npt.NDArray[np.integer]) -> None:
+    """The label map must lie on the exact source grid: one frame per source instance, same matrix."""
+    if not source_datasets:
+        raise EncodeError("no source datasets")
+    if label_map.ndim != 3:
+        raise EncodeError(f"label map must be 3-D (frames, rows, columns), got shape {label_map.shape}")
+    if not np.issubdtype(label_map.dtype, np.integer):
+        raise EncodeError(f"label map must have an integer dtype, not {label_map.dtype}")
+    if label_map.shape[0] != len(source_datasets):
+        raise EncodeError(
+            f"label map has {label_map.shape[0]} frames but the series has {len(source_datasets)} instances"
+        )
+    for ds in source_datasets:
+        if (int(ds.Rows), int(ds.Columns)) != label_map.shape[1:]:
+            raise EncodeError(
+                f"label map frames are {label_map.shape[1:]} but instance {ds.SOPInstanceUID} is "
+                f"{ds.Rows}x{ds.Columns}"
+            )
+
+

@@ -1,0 +1,192 @@
+"""TID 1500 Measurement Report (Comprehensive SR) for a segmentation result, via highdicom.
+
+One group per segment the model declares, in the model's order:
+- found (voxel_count > 0): TID 1411 Volumetric ROI group referencing the SEG segment (with a
+  "Source Series For Segmentation" reference instead of listing every source image), a Volume in
+  UCUM cm3, and the qualitative evaluation Finding = Present;
+- not found: TID 1501 group (no ROI to reference) with Finding = Absent and no measurement.
+Each group carries TrackingIdentifier (segment label) + a deterministic TrackingUID (the same UID as
+the SEG segment's TrackingUID), the finding category/type codes, and TID 4019 Algorithm
+Identification with the model name/version and the rule as Algorithm Parameters
+("rule_id=<id>", "rule_version=<n>").
+The observer context is a device observer (TID 1004): this node (manufacturer, serial number) running
+the model (Device Observer Name = model name, Model Name = model version, as in IHE AI Results).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_ai_node.domain.results import (
+    ModelIdentity,
+    OutputIdentity,
+    ResultUids,
+    RuleIdentity,
+    SegmentMeasurement,
+    SegmentSpec,
+)
+from dicom_ai_node.encode._common import hd_code, rule_parameters, series_description, with_type2_identity
+from dicom_ai_node.encode.uids import device_observer_uid, segment_tracking_uid
+from dicom_ai_node.errors import EncodeError
+
+_FINDING = codes.DCM.Finding  # DCM 121071
+_PRESENT = codes.SCT.Present  # SCT 52101004
+_ABSENT = codes.SCT.Absent  # SCT 272519000
+
+# CID 100 "Quantitative Diagnostic Imaging Procedures"
+_PROCEDURE_BY_MODALITY: dict[str, Code] = {
+    "CT": codes.LN.CTUnspecifiedBodyRegion,
+    "MR": codes.LN.MRIUnspecifiedBodyRegion,
+    "PT": codes.LN.PETUnspecifiedBodyRegion,
+    "NM": codes.LN.NMUnspecifiedBodyRegion,
+}
+
+
+def encode_sr(
+    source_datasets: Sequence[Dataset],
+    seg: Dataset | None,
+    measurements: Sequence[SegmentMeasurement],
+    model: ModelIdentity,
+    rule: RuleIdentity,
+    identity: OutputIdentity,
+    uids: ResultUids,
+    *,
+    segments: Sequence[SegmentSpec],
+) -> Dataset:
+    """Encode the measurements of one segmentation result as a Comprehensive SR (TID 1500).
+
+    `seg` is the SEG from `encode_seg` for the same `uids`, or None when nothing was found (then the
+    SR reports every segment as not found and lists the source instances as evidence).
+    `segments` supplies the codes of each measured label value.
+    """
+    if not source_datasets:
+        raise EncodeError("no source datasets")
+    if not measurements:
+        raise EncodeError("no measurements: a TID 1500 report needs at least one group")
+    spec_by_label = {spec.label_value: spec for spec in segments}
+    segment_number_by_tracking_uid = _seg_segment_numbers(seg, uids)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        parameters=[f"{key}={value}" for key, value in rule_parameters(rule).items()],
+        family=hd_code(model.family),
+    )
+    source_series_uid = str(source_datasets[0].SeriesInstanceUID)
+
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    for measurement in measurements:
+        spec = spec_by_label.get(measurement.label_value)
+        if spec is None:
+            raise EncodeError(f"no segment spec for measured label value {measurement.label_value}")
+        tracking_uid = segment_tracking_uid(uids, spec.label_value)
+        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=spec.label)
+        finding_sites = (
+            [hd.sr.FindingSite(hd_code(spec.anatomic_region))] if spec.anatomic_region is not None else None
+        )
+        if measurement.voxel_count > 0:
+            if seg is None or tracking_uid not in segment_number_by_tracking_uid:
+                raise EncodeError(f"segment '{spec.label}' has voxels but is not in the given SEG")
+            referenced_segment = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=segment_number_by_tracking_uid[tracking_uid],
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+            )
+            volume = hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=measurement.volume_cm3,
+                unit=codes.UCUM.CubicCentimeter,
+            )
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    referenced_segment=referenced_segment,
+                    finding_type=hd_code(spec.property_type),
+                    finding_category=hd_code(spec.category),
+                    algorithm_id=algorithm,
+                    finding_sites=finding_sites,
+                    measurements=[volume],
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_FINDING, _PRESENT)],
+                )
+            )
+        else:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=hd_code(spec.property_type),
+                    finding_category=hd_code(spec.category),
+                    algorithm_id=algorithm,
+                    finding_sites=finding_sites,
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_FINDING, _ABSENT)],
+                )
+            )
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(identity.device_serial_number, model),
+            name=model.name,
+            manufacturer_name=identity.manufacturer,
+            model_name=model.version,
+            serial_number=identity.device_serial_number,
+        ),
+    )
+    modality = str(source_datasets[0].get("Modality", ""))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure),
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    # Evidence: the SEG (the only instance the content references); without one, the source
+    # instances that were examined. highdicom copies patient/study identity from the first item.
+    evidence: list[Dataset] = [seg] if seg is not None else list(source_datasets)
+    evidence[0] = with_type2_identity(evidence[0])
+    extra: dict[str, str] = {}
+    if identity.institution_name:
+        extra["institution_name"] = identity.institution_name
+    try:
+        sr = hd.sr.ComprehensiveSR(
+            evidence=evidence,
+            content=report[0],
+            series_instance_uid=uids.sr_series_instance_uid,
+            series_number=identity.sr_series_number,
+            sop_instance_uid=uids.sr_sop_instance_uid,
+            instance_number=1,
+            manufacturer=identity.manufacturer,
+            manufacturer_model_name=identity.manufacturer_model_name,
+            software_versions=identity.software_versions,
+            device_serial_number=identity.device_serial_number,
+            series_description=series_description(identity.sr_series_description_prefix, model),
+            # Complete, but an unverified AI result: preliminary until a physician signs it off.
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            **extra,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EncodeError(f"cannot encode SR for series {source_series_uid}: {exc}") from exc
+    if identity.station_name:
+        sr.StationName = identity.station_name  # Type 3, not a constructor argument
+    return sr
+
+
+def _seg_segment_numbers(seg: Dataset | None, uids: ResultUids) -> dict[str, int]:
+    """TrackingUID -> SegmentNumber of the SEG's segments (the link between SEG and SR groups)."""
+    if seg is None:
+        return {}
+    if seg.SOPInstanceUID != uids.seg_sop_instance_uid:
+        raise EncodeError("the SEG passed to encode_sr was not made with these result UIDs")
+    return {
+        str(item.TrackingUID): int(item.SegmentNumber)
+        for item in seg.SegmentSequence
+        if "TrackingUID" in item
+    }
+

@@ -1,0 +1,63 @@
+"""Typed errors of the node.
+
+Each error says whether a retry can help: the job queue retries `TransientError`s with backoff and sends
+`PermanentError`s straight to the dead letter (see DESIGN.md, "Queue and persistence").
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """Invalid configuration; the message names the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error at '{key}': {message}")
+        self.key = key
+
+
+class RuleError(NodeError):
+    """Invalid routing rule definition."""
+
+
+class InvalidDicomError(NodeError):
+    """A received or spooled object is not readable DICOM."""
+
+
+class StorageError(NodeError):
+    """The spool could not durably store a file (disk full, I/O error)."""
+
+
+class TransientError(NodeError):
+    """A failure a later retry may cure (peer down, timeout, busy)."""
+
+
+class PermanentError(NodeError):
+    """A failure retrying will not cure (association rejected, 0xA9xx/0xCxxx status, HTTP 4xx)."""
+
+
+class InferenceError(PermanentError):
+    """The model could not produce a result for this input."""
+
+
+class EncodeError(PermanentError):
+    """A result could not be encoded as valid DICOM (source headers or model output unusable)."""
+
+
+class ModelNotFoundError(PermanentError):
+    """A rule names a model the registry does not know."""
+
+
+class DeliveryError(NodeError):
+    """Base for delivery failures; use the Transient/Permanent subclasses."""
+
+
+class TransientDeliveryError(DeliveryError, TransientError):
+    pass
+
+
+class PermanentDeliveryError(DeliveryError, PermanentError):
+    pass

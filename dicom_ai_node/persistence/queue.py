@@ -1,0 +1,331 @@
+"""The durable job queue (DESIGN.md, "Queue and persistence").
+
+States: queued -> running -> succeeded | failed (retry scheduled with backoff) | dead (dead letter).
+A failed job is runnable again once its ``scheduled_at`` has passed. A running job holds a lease that its
+worker renews with `heartbeat`; `recover_stalled` returns jobs whose worker stopped heartbeating.
+
+Claiming: PostgreSQL uses ``SELECT ... FOR UPDATE SKIP LOCKED`` so workers never wait on each other's
+candidate rows; SQLite serialises claims with ``BEGIN IMMEDIATE``. On both, a partial unique index allows
+at most one running job per lock key, so a claim that races another for the same key fails cleanly and is
+retried with the next candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from dicom_ai_node.domain.jobs import JobKind, JobStatus, RetryPolicy
+from dicom_ai_node.errors import NodeError
+from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
+from dicom_ai_node.persistence.tables import UtcDateTime, jobs
+
+log = logging.getLogger(__name__)
+
+ERROR_MAX_CHARS = 2000
+_RUNNABLE = (JobStatus.QUEUED.value, JobStatus.FAILED.value)
+# A claim loses a lock-key race only when another worker claimed a job with the same key at the same
+# moment; the next attempt sees that job running and skips the key.
+_CLAIM_RACE_RETRIES = 5
+
+
+class LeaseLostError(NodeError):
+    """The job is no longer running under this worker (lease expired and recovered, or re-claimed)."""
+
+    def __init__(self, job_id: int, worker_id: str) -> None:
+        super().__init__(f"job {job_id} is no longer running under worker '{worker_id}'")
+        self.job_id = job_id
+        self.worker_id = worker_id
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: JobKind
+    status: JobStatus
+    payload: dict[str, Any]
+    priority: int
+    scheduled_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    max_attempts: int
+    dedupe_key: str | None
+    lock_key: str | None
+    worker_id: str | None
+    heartbeat_at: datetime | None
+    last_error: str | None
+    result: dict[str, Any] | None
+
+
+class JobQueue:
+    def __init__(self, engine: sa.Engine, policy: RetryPolicy = RetryPolicy(), clock: Clock = utcnow) -> None:
+        self._engine = engine
+        self._policy = policy
+        self._clock = clock
+        self._postgres = engine.dialect.name == "postgresql"
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._policy
+
+    def enqueue(
+        self,
+        kind: JobKind,
+        payload: dict[str, Any],
+        *,
+        dedupe_key: str | None = None,
+        priority: int = 0,
+        lock_key: str | None = None,
+        max_attempts: int | None = None,
+        delay_s: float = 0,
+    ) -> int:
+        """Add a job and return its id; with a `dedupe_key` already stored, return that job's id instead.
+
+        The payload must hold no PHI (UIDs are fine): it is shown in the admin page.
+        """
+        now = self._clock()
+        stmt = insert_for(self._engine, jobs).values(
+            kind=JobKind(kind).value,
+            status=JobStatus.QUEUED.value,
+            payload=dump_json(payload),
+            priority=priority,
+            scheduled_at=now + timedelta(seconds=delay_s),
+            created_at=now,
+            updated_at=now,
+            attempts=0,
+            max_attempts=max_attempts if max_attempts is not None else self._policy.max_attempts,
+            dedupe_key=dedupe_key,
+            lock_key=lock_key,
+        )
+        if dedupe_key is not None:
+            # Race-safe: the unique constraint decides; the loser reads the winner's id.
+            stmt = stmt.on_conflict_do_nothing(index_elements=[jobs.c.dedupe_key])
+        with self._engine.begin() as conn:
+            job_id = conn.execute(stmt.returning(jobs.c.id)).scalar_one_or_none()
+            if job_id is None:
+                job_id = conn.execute(
+                    sa.select(jobs.c.id).where(jobs.c.dedupe_key == dedupe_key)
+                ).scalar_one()
+        return int(job_id)
+
+    def claim(self, worker_id: str, kinds: Sequence[JobKind], lease_s: float) -> Job | None:
+        """Take the next runnable job of `kinds` for `worker_id`, or None when there is none.
+
+        Order: highest priority, then oldest scheduled_at. Jobs whose lock key has a running job are
+        skipped. The lease (`lease_s`) is not stored: it is heartbeat_at + the `lease_s` that
+        `recover_stalled` is given, so workers and the recovery sweep must use the same value.
+        """
+        kind_values = [JobKind(k).value for k in kinds]
+        if not kind_values:
+            return None
+        for _ in range(_CLAIM_RACE_RETRIES):
+            try:
+                return self._claim_once(worker_id, kind_values)
+            except sa.exc.IntegrityError:
+                log.debug("claim by %s lost a lock-key race; retrying", worker_id)
+        return None
+
+    def _claim_once(self, worker_id: str, kind_values: list[str]) -> Job | None:
+        now = self._clock()
+        running = jobs.alias("running")
+        lock_busy = (
+            sa.select(running.c.id)
+            .where(running.c.lock_key == jobs.c.lock_key, running.c.status == JobStatus.RUNNING.value)
+            .exists()
+        )
+        candidate = (
+            sa.select(jobs.c.id)
+            .where(
+                jobs.c.status.in_(_RUNNABLE),
+                jobs.c.kind.in_(kind_values),
+                jobs.c.scheduled_at <= now,
+                sa.or_(jobs.c.lock_key.is_(None), ~lock_busy),
+            )
+            .order_by(jobs.c.priority.desc(), jobs.c.scheduled_at, jobs.c.id)
+            .limit(1)
+        )
+        if self._postgres:
+            candidate = candidate.with_for_update(skip_locked=True, of=jobs)
+        with self._engine.begin() as conn:
+            job_id = conn.execute(candidate).scalar_one_or_none()
+            if job_id is None:
+                return None
+            row = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status.in_(_RUNNABLE))
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    attempts=jobs.c.attempts + 1,
+                    worker_id=worker_id,
+                    started_at=now,
+                    heartbeat_at=now,
+                    finished_at=None,
+                    updated_at=now,
+                )
+                .returning(*jobs.c)
+            ).mappings().one_or_none()
+        return _job(row) if row is not None else None
+
+    def heartbeat(self, job_id: int, worker_id: str) -> bool:
+        """Renew the lease; False when the job is no longer running under `worker_id` (lease lost)."""
+        now = self._clock()
+        stmt = (
+            sa.update(jobs)
+            .where(*_owned(job_id, worker_id))
+            .values(heartbeat_at=now, updated_at=now)
+        )
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def succeed(self, job_id: int, worker_id: str, result: dict[str, Any] | None = None) -> None:
+        """Mark the job succeeded. Raises LeaseLostError if it is no longer running under `worker_id`."""
+        now = self._clock()
+        stmt = (
+            sa.update(jobs)
+            .where(*_owned(job_id, worker_id))
+            .values(
+                status=JobStatus.SUCCEEDED.value,
+                finished_at=now,
+                updated_at=now,
+                result=dump_json(result) if result is not None else None,
+            )
+        )
+        with self._engine.begin() as conn:
+            if conn.execute(stmt).rowcount != 1:
+                raise LeaseLostError(job_id, worker_id)
+
+    def fail(self, job_id: int, worker_id: str, error: str, *, permanent: bool) -> JobStatus:
+        """Record a failed attempt: DEAD if `permanent` or attempts are used up, else FAILED with backoff.
+
+        Raises LeaseLostError if the job is no longer running under `worker_id`.
+        """
+        now = self._clock()
+        with self._engine.begin() as conn:
+            row = conn.execute(
+                sa.select(jobs.c.attempts, jobs.c.max_attempts).where(*_owned(job_id, worker_id))
+            ).one_or_none()
+            if row is None:
+                raise LeaseLostError(job_id, worker_id)
+            attempts, max_attempts = int(row.attempts), int(row.max_attempts)
+            values: dict[str, Any] = {"last_error": _truncate(error), "updated_at": now}
+            if permanent or attempts >= max_attempts:
+                status = JobStatus.DEAD
+                values["finished_at"] = now
+            else:
+                status = JobStatus.FAILED
+                values["scheduled_at"] = now + timedelta(seconds=self._policy.delay_s(attempts))
+            values["status"] = status.value
+            # Guarded again: recover_stalled may have taken the job between the two statements.
+            if conn.execute(sa.update(jobs).where(*_owned(job_id, worker_id)).values(values)).rowcount != 1:
+                raise LeaseLostError(job_id, worker_id)
+        return status
+
+    def recover_stalled(self, lease_s: float) -> int:
+        """Return running jobs whose heartbeat is older than `lease_s` to the queue; returns how many.
+
+        They become FAILED and runnable now, or DEAD when their attempts are used up. One guarded
+        statement: idempotent and safe when several processes run it at once.
+        """
+        now = self._clock()
+        exhausted = jobs.c.attempts >= jobs.c.max_attempts
+        error = (
+            sa.literal("lease expired (worker ", sa.Text)
+            + sa.func.coalesce(jobs.c.worker_id, "?")
+            + sa.literal(" stopped heartbeating)", sa.Text)
+        )
+        stmt = (
+            sa.update(jobs)
+            .where(
+                jobs.c.status == JobStatus.RUNNING.value,
+                jobs.c.heartbeat_at < now - timedelta(seconds=lease_s),
+            )
+            .values(
+                status=sa.case((exhausted, JobStatus.DEAD.value), else_=JobStatus.FAILED.value),
+                finished_at=sa.case((exhausted, sa.literal(now, UtcDateTime())), else_=sa.null()),
+                scheduled_at=now,
+                updated_at=now,
+                last_error=error,
+            )
+        )
+        with self._engine.begin() as conn:
+            count = conn.execute(stmt).rowcount
+        if count:
+            log.warning("recovered %d stalled job(s) (lease %.0f s)", count, lease_s)
+        return count
+
+    def retry(self, job_id: int) -> bool:
+        """Admin replay: a DEAD or FAILED job goes back to QUEUED now with attempts reset."""
+        now = self._clock()
+        stmt = (
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status.in_((JobStatus.DEAD.value, JobStatus.FAILED.value)))
+            .values(
+                status=JobStatus.QUEUED.value,
+                scheduled_at=now,
+                updated_at=now,
+                attempts=0,
+                finished_at=None,
+                worker_id=None,
+                heartbeat_at=None,
+            )
+        )
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def get(self, job_id: int) -> Job | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()
+        return _job(row) if row is not None else None
+
+    def list_jobs(
+        self, status: JobStatus | None = None, kind: JobKind | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Newest first."""
+        stmt = sa.select(jobs)
+        if status is not None:
+            stmt = stmt.where(jobs.c.status == JobStatus(status).value)
+        if kind is not None:
+            stmt = stmt.where(jobs.c.kind == JobKind(kind).value)
+        stmt = stmt.order_by(jobs.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [_job(row) for row in conn.execute(stmt).mappings()]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per 'kind/status' (e.g. 'infer/queued'), every known pair present, for metrics."""
+        counts = {f"{k.value}/{s.value}": 0 for k in JobKind for s in JobStatus}
+        stmt = sa.select(jobs.c.kind, jobs.c.status, sa.func.count()).group_by(jobs.c.kind, jobs.c.status)
+        with self._engine.connect() as conn:
+            for kind, status, n in conn.execute(stmt):
+                counts[f"{kind}/{status}"] = int(n)
+        return counts
+
+
+def _owned(job_id: int, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
+    return (
+        jobs.c.id == job_id,
+        jobs.c.status == JobStatus.RUNNING.value,
+        jobs.c.worker_id == worker_id,
+    )
+
+
+def _truncate(error: str) -> str:
+    if len(error) <= ERROR_MAX_CHARS:
+        return error
+    return error[: ERROR_MAX_CHARS - 15] + " ...[truncated]"
+
+
+def _job(row: sa.RowMapping) -> Job:
+    values = dict(row)
+    values["kind"] = JobKind(values["kind"])
+    values["status"] = JobStatus(values["status"])
+    values["payload"] = load_json(values["payload"])
+    values["result"] = load_json(values["result"]) if values["result"] is not None else None
+    return Job(**values)

@@ -1,0 +1,339 @@
+"""Received instances, their series (completion state), and the result objects made from them.
+
+Every write is one short transaction; the ones that several receivers or sweeps may run at once are
+single guarded statements (``ON CONFLICT``, compare-and-set ``UPDATE ... WHERE``), so they are safe on
+PostgreSQL under READ COMMITTED and on SQLite under ``BEGIN IMMEDIATE``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+
+from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
+from dicom_ai_node.persistence.tables import instances, results, series
+
+ResultKind = Literal["SEG", "SR"]
+_NOTE_MAX = 512
+
+
+class SeriesStatus(str, enum.Enum):
+    RECEIVING = "receiving"  # instances arriving; due for routing after its quiet period
+    ROUTING = "routing"  # claimed by one completion sweep
+    ROUTED = "routed"  # a rule matched and its jobs were enqueued
+    UNMATCHED = "unmatched"  # no rule matched
+    FAILED = "failed"  # routing itself failed (e.g. unreadable header)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One instance just written to the spool, as the receive edge reports it.
+
+    `header` holds the few non-PHI attributes rules match on (SliceThickness, ImagesInAcquisition, Rows,
+    Columns, ...); values must be JSON-serialisable (sequences become lists, other objects text). The
+    series-level fields are taken from the first instance of a series.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    spool_path: str
+    size_bytes: int
+    calling_ae: str = ""
+    modality: str = ""
+    body_part_examined: str = ""
+    series_description: str = ""
+    header: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    spool_path: str
+    size_bytes: int
+    calling_ae: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part_examined: str
+    series_description: str
+    sop_class_uid: str
+    calling_ae: str
+    instance_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    status: SeriesStatus
+    generation: int
+    routing_started_at: datetime | None
+    routed_at: datetime | None
+    route_note: str
+    header: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    id: int
+    job_id: int
+    source_series_instance_uid: str
+    kind: ResultKind
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    spool_path: str
+    created_at: datetime
+
+
+class SeriesRepository:
+    """Instances, series and results; the only writer of those tables."""
+
+    def __init__(self, engine: sa.Engine, clock: Clock = utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    # -- receive -----------------------------------------------------------------------------------
+
+    def record_instance(self, rec: InstanceRecord, now: datetime | None = None) -> bool:
+        """Store one received instance and update its series, in one durable transaction.
+
+        Returns False (and changes nothing) when the SOP Instance UID is already stored: duplicates are
+        kept once, as PACS do, and the caller may drop its spool file. An instance arriving after its
+        series left 'receiving' sets it back to 'receiving' with generation + 1 (a late instance).
+        """
+        now = now or self._clock()
+        new_series = insert_for(self._engine, series).values(
+            series_instance_uid=rec.series_instance_uid,
+            study_instance_uid=rec.study_instance_uid,
+            modality=rec.modality,
+            body_part_examined=rec.body_part_examined,
+            series_description=rec.series_description,
+            sop_class_uid=rec.sop_class_uid,
+            calling_ae=rec.calling_ae,
+            instance_count=1,
+            first_received_at=now,
+            last_received_at=now,
+            status=SeriesStatus.RECEIVING.value,
+            generation=1,
+            route_note="",
+            header_json=dump_json(rec.header),
+        )
+        # SET expressions see the row as it was before the update, on both engines.
+        upsert_series = new_series.on_conflict_do_update(
+            index_elements=[series.c.series_instance_uid],
+            set_={
+                "instance_count": series.c.instance_count + 1,
+                "last_received_at": new_series.excluded.last_received_at,
+                "generation": sa.case(
+                    (series.c.status == SeriesStatus.RECEIVING.value, series.c.generation),
+                    else_=series.c.generation + 1,
+                ),
+                "status": SeriesStatus.RECEIVING.value,
+                "routing_started_at": None,
+            },
+        )
+        insert_instance = (
+            insert_for(self._engine, instances)
+            .values(
+                sop_instance_uid=rec.sop_instance_uid,
+                sop_class_uid=rec.sop_class_uid,
+                series_instance_uid=rec.series_instance_uid,
+                study_instance_uid=rec.study_instance_uid,
+                transfer_syntax_uid=rec.transfer_syntax_uid,
+                spool_path=rec.spool_path,
+                size_bytes=rec.size_bytes,
+                calling_ae=rec.calling_ae,
+                received_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+            .returning(instances.c.id)
+        )
+        with self._engine.connect() as conn, conn.begin() as tx:
+            # Series first: the instance row references it, and on PostgreSQL the series row lock
+            # serialises concurrent instances of one series.
+            conn.execute(upsert_series)
+            if conn.execute(insert_instance).scalar_one_or_none() is None:
+                tx.rollback()  # duplicate SOP Instance UID: undo the series update too
+                return False
+        return True
+
+    # -- completion sweep --------------------------------------------------------------------------
+
+    def due_series(self, older_than: datetime, limit: int = 100) -> list[SeriesRow]:
+        """Series still 'receiving' whose last instance arrived at or before `older_than`."""
+        stmt = (
+            sa.select(series)
+            .where(
+                series.c.status == SeriesStatus.RECEIVING.value,
+                series.c.last_received_at <= older_than,
+            )
+            .order_by(series.c.last_received_at, series.c.series_instance_uid)
+            .limit(limit)
+        )
+        return self._series_rows(stmt)
+
+    def claim_series_for_routing(
+        self, series_instance_uid: str, generation: int, last_received_at: datetime
+    ) -> bool:
+        """Compare-and-set receiving -> routing, only if no instance arrived since the caller looked.
+
+        Exactly one of several concurrent sweeps gets True; a series that received an instance in the
+        meantime (new last_received_at or generation) is left for a later sweep.
+        """
+        stmt = (
+            sa.update(series)
+            .where(
+                series.c.series_instance_uid == series_instance_uid,
+                series.c.status == SeriesStatus.RECEIVING.value,
+                series.c.generation == generation,
+                series.c.last_received_at == last_received_at,
+            )
+            .values(status=SeriesStatus.ROUTING.value, routing_started_at=self._clock())
+        )
+        return self._update_one(stmt)
+
+    def mark_series(
+        self,
+        series_instance_uid: str,
+        status: SeriesStatus | str,
+        note: str = "",
+        *,
+        generation: int | None = None,
+    ) -> bool:
+        """Set the series status (routed_at too for routed/unmatched); `note` must hold no PHI.
+
+        Pass the `generation` that was routed: if a late instance arrived meanwhile (generation moved on),
+        nothing changes and False is returned, so the late instance is not hidden behind 'routed'.
+        """
+        status = SeriesStatus(status)
+        values: dict[str, Any] = {"status": status.value, "route_note": note[:_NOTE_MAX]}
+        if status in (SeriesStatus.ROUTED, SeriesStatus.UNMATCHED):
+            values["routed_at"] = self._clock()
+        stmt = sa.update(series).where(series.c.series_instance_uid == series_instance_uid)
+        if generation is not None:
+            stmt = stmt.where(series.c.generation == generation)
+        return self._update_one(stmt.values(**values))
+
+    def requeue_stalled_routing(self, older_than: datetime) -> int:
+        """Put series stuck in 'routing' since before `older_than` (a sweep died) back to 'receiving'.
+
+        The generation is kept, so jobs enqueued with generation-based dedupe keys are not duplicated.
+        """
+        stmt = (
+            sa.update(series)
+            .where(
+                series.c.status == SeriesStatus.ROUTING.value,
+                series.c.routing_started_at <= older_than,
+            )
+            .values(status=SeriesStatus.RECEIVING.value, routing_started_at=None)
+        )
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def get_series(self, series_instance_uid: str) -> SeriesRow | None:
+        rows = self._series_rows(
+            sa.select(series).where(series.c.series_instance_uid == series_instance_uid)
+        )
+        return rows[0] if rows else None
+
+    def list_series(self, limit: int = 100, status: SeriesStatus | str | None = None) -> list[SeriesRow]:
+        """Most recently active series first."""
+        stmt = sa.select(series)
+        if status is not None:
+            stmt = stmt.where(series.c.status == SeriesStatus(status).value)
+        stmt = stmt.order_by(series.c.last_received_at.desc(), series.c.series_instance_uid).limit(limit)
+        return self._series_rows(stmt)
+
+    def instances_of_series(self, series_instance_uid: str) -> list[InstanceRow]:
+        stmt = (
+            sa.select(instances)
+            .where(instances.c.series_instance_uid == series_instance_uid)
+            .order_by(instances.c.received_at, instances.c.id)
+        )
+        with self._engine.connect() as conn:
+            return [InstanceRow(**row) for row in conn.execute(stmt).mappings()]
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def add_result(
+        self,
+        *,
+        job_id: int,
+        source_series_instance_uid: str,
+        kind: ResultKind,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        series_instance_uid: str,
+        study_instance_uid: str,
+        spool_path: str,
+        now: datetime | None = None,
+    ) -> int:
+        """Record a result object; idempotent on SOP Instance UID (a re-run updates the row). Returns its id."""
+        if kind not in ("SEG", "SR"):
+            raise ValueError(f"result kind must be 'SEG' or 'SR', not {kind!r}")
+        values: dict[str, Any] = {
+            "job_id": job_id,
+            "source_series_instance_uid": source_series_instance_uid,
+            "kind": kind,
+            "sop_class_uid": sop_class_uid,
+            "series_instance_uid": series_instance_uid,
+            "study_instance_uid": study_instance_uid,
+            "spool_path": spool_path,
+        }
+        stmt = (
+            insert_for(self._engine, results)
+            .values(sop_instance_uid=sop_instance_uid, created_at=now or self._clock(), **values)
+            .on_conflict_do_update(index_elements=[results.c.sop_instance_uid], set_=values)
+            .returning(results.c.id)
+        )
+        with self._engine.begin() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def results_of_job(self, job_id: int) -> list[ResultRow]:
+        return self._result_rows(sa.select(results).where(results.c.job_id == job_id))
+
+    def results_of_series(self, source_series_instance_uid: str) -> list[ResultRow]:
+        """Results made from a source series (all jobs, all generations), oldest first."""
+        return self._result_rows(
+            sa.select(results).where(results.c.source_series_instance_uid == source_series_instance_uid)
+        )
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _update_one(self, stmt: sa.Update) -> bool:
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def _series_rows(self, stmt: sa.Select[Any]) -> list[SeriesRow]:
+        with self._engine.connect() as conn:
+            return [_series_row(row) for row in conn.execute(stmt).mappings()]
+
+    def _result_rows(self, stmt: sa.Select[Any]) -> list[ResultRow]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt.order_by(results.c.id)).mappings()
+            return [ResultRow(**row) for row in rows]
+
+
+def _series_row(row: sa.RowMapping) -> SeriesRow:
+    values = dict(row)
+    header = load_json(values.pop("header_json"))
+    values["status"] = SeriesStatus(values["status"])
+    return SeriesRow(header=header, **values)

@@ -1,0 +1,110 @@
+"""Claims jobs and runs them, with heartbeats from a separate thread.
+
+The job runs in the worker's own thread; a small heartbeat thread extends the lease meanwhile, so a long
+inference is not taken for a dead worker, and a worker that really dies (kill -9, power loss) stops
+heartbeating and its job is re-queued by `JobQueue.recover_stalled`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from dicom_ai_node.domain.jobs import JobKind, JobStatus
+from dicom_ai_node.errors import PermanentError, TransientError
+from dicom_ai_node.persistence.queue import Job, JobQueue
+
+log = logging.getLogger(__name__)
+
+JobHandler = Callable[[Job], dict[str, Any]]
+
+
+def new_worker_id(label: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{label}:{uuid.uuid4().hex[:6]}"
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, queue: JobQueue, job: Job, worker_id: str, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self.queue, self.job, self.worker_id, self.interval_s = queue, job, worker_id, interval_s
+        self.stop_event = threading.Event()
+        self.lease_lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval_s):
+            try:
+                if not self.queue.heartbeat(self.job.id, self.worker_id):
+                    self.lease_lost = True
+                    log.warning("job %d: lease lost; its result will not be committed", self.job.id)
+                    return
+            except Exception:  # noqa: BLE001 - a DB hiccup must not kill the heartbeat; next beat retries
+                log.warning("job %d: heartbeat failed", self.job.id, exc_info=True)
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        handlers: Mapping[JobKind, JobHandler],
+        kinds: Sequence[JobKind],
+        *,
+        lease_s: float,
+        heartbeat_s: float,
+        poll_interval_s: float,
+        worker_id: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.handlers = dict(handlers)
+        self.kinds = list(kinds)
+        self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s
+        self.poll_interval_s = poll_interval_s
+        self.worker_id = worker_id or new_worker_id("+".join(k.value for k in self.kinds))
+
+    def run_one(self) -> Job | None:
+        """Claim and run at most one job; return it (None when nothing was runnable)."""
+        job = self.queue.claim(self.worker_id, self.kinds, self.lease_s)
+        if job is None:
+            return None
+        beat = _Heartbeat(self.queue, job, self.worker_id, self.heartbeat_s)
+        beat.start()
+        try:
+            result = self.handlers[job.kind](job)
+        except PermanentError as exc:
+            self._fail(job, exc, permanent=True)
+        except TransientError as exc:
+            self._fail(job, exc, permanent=False)
+        except Exception as exc:  # noqa: BLE001 - an unexpected bug: retry with backoff, then dead letter
+            log.exception("job %d (%s) crashed", job.id, job.kind.value)
+            self._fail(job, exc, permanent=False)
+        else:
+            if not beat.lease_lost:
+                self.queue.succeed(job.id, self.worker_id, result)
+        finally:
+            beat.stop_event.set()
+            beat.join()
+        return job
+
+    def _fail(self, job: Job, exc: BaseException, *, permanent: bool) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        status = self.queue.fail(job.id, self.worker_id, message, permanent=permanent)
+        level = logging.ERROR if status == JobStatus.DEAD else logging.WARNING
+        log.log(level, "job %d (%s) attempt %d failed -> %s: %s", job.id, job.kind.value, job.attempts,
+                status.value, message)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        log.info("worker %s started for %s", self.worker_id, [k.value for k in self.kinds])
+        while not stop.is_set():
+            try:
+                job = self.run_one()
+            except Exception:  # noqa: BLE001 - DB unreachable etc.: keep the worker alive, back off
+                log.exception("worker %s: claim loop error", self.worker_id)
+                job = None
+            if job is None:
+                stop.wait(self.poll_interval_s)
+        log.info("worker %s stopped", self.worker_id)

@@ -1,0 +1,129 @@
+"""The two job kinds, each composed from the stages in one readable function.
+
+infer:   load series -> volume -> model -> SEG + SR (deterministic UIDs) -> spool + results rows
+         -> one `deliver` job per destination
+deliver: spool files -> C-STORE SCU -> done (transient failures retry with backoff; permanent go dead)
+
+Delivery is its own job so a PACS outage re-runs only the sending, never the inference.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_ai_node.config import NodeSettings
+from dicom_ai_node.deliver.dimse import DicomPeer, send_files
+from dicom_ai_node.domain.jobs import JobKind
+from dicom_ai_node.domain.results import RuleIdentity
+from dicom_ai_node.encode.measure import measure
+from dicom_ai_node.encode.seg import encode_seg
+from dicom_ai_node.encode.sr import encode_sr
+from dicom_ai_node.encode.uids import result_uids
+from dicom_ai_node.errors import InferenceError
+from dicom_ai_node.infer.registry import ModelRegistry
+from dicom_ai_node.infer.volume import load_series, voxel_volume_mm3
+from dicom_ai_node.persistence.queue import Job, JobQueue
+from dicom_ai_node.persistence.repository import SeriesRepository
+from dicom_ai_node.store.spool import RESULTS, Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    settings: NodeSettings
+    repo: SeriesRepository
+    queue: JobQueue
+    spool: Spool
+    registry: ModelRegistry
+    software_version: str
+
+
+def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
+    p = job.payload
+    series_uid: str = p["series_instance_uid"]
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    instances = ctx.repo.instances_of_series(series_uid)
+    if not instances:
+        raise InferenceError(f"series {series_uid} has no stored instances")
+    volume = load_series([ctx.spool.path(i.spool_path) for i in instances])
+    timings["load_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    model = ctx.registry.get(p["model"])
+    label_map = model.segment(volume)
+    timings["infer_s"] = time.perf_counter() - t
+    if label_map.shape != volume.array.shape:
+        raise InferenceError(f"model {p['model']} returned shape {label_map.shape}, expected {volume.shape}")
+
+    t = time.perf_counter()
+    rule = RuleIdentity(p["rule_id"], int(p["rule_version"]))
+    identity = ctx.settings.identity.output_identity(ctx.software_version)
+    # Same series + model version + rule version + generation -> the same UIDs: a re-run job replaces
+    # its objects in the PACS instead of adding a second result series.
+    uids = result_uids(series_uid, model.identity, rule, revision=int(p.get("generation", 1)))
+    measurements = measure(label_map, model.segments, voxel_volume_mm3(volume))
+    seg = encode_seg(volume.datasets, label_map, model.segments, model.identity, rule, identity, uids)
+    sr = encode_sr(volume.datasets, seg, measurements, model.identity, rule, identity, uids)
+    timings["encode_s"] = time.perf_counter() - t
+
+    files: list[str] = []
+    sop_uids: list[str] = []
+    for kind, ds in (("SEG", seg), ("SR", sr)):
+        if ds is None:
+            continue
+        rel = ctx.spool.write_dataset(ds, RESULTS)
+        ctx.repo.add_result(
+            job_id=job.id,
+            source_series_instance_uid=series_uid,
+            kind=kind,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            spool_path=rel,
+        )
+        files.append(rel)
+        sop_uids.append(str(ds.SOPInstanceUID))
+
+    for destination in p["destinations"]:
+        ctx.queue.enqueue(
+            JobKind.DELIVER,
+            {"destination": destination, "files": files, "sop_instance_uids": sop_uids,
+             "series_instance_uid": series_uid, "infer_job_id": job.id},
+            dedupe_key=f"deliver:{uids.sr_sop_instance_uid}:{destination}:job{job.id}:a{job.attempts}",
+            priority=job.priority,
+            max_attempts=ctx.settings.worker.max_attempts,
+        )
+    timings["total_s"] = time.perf_counter() - t0
+    found = {m.label: round(m.volume_cm3, 2) for m in measurements if m.voxel_count}
+    log.info("infer job %d: series %s model %s -> %s (%s)", job.id, series_uid, model.identity.name,
+             found or "nothing found", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    return {"model": model.identity.name, "model_version": model.identity.version,
+            "rule_id": rule.rule_id, "rule_version": rule.rule_version,
+            "sop_instance_uids": sop_uids, "volumes_cm3": found, "timings": timings}
+
+
+def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
+    p = job.payload
+    dest = ctx.settings.destination(p["destination"])
+    peer = DicomPeer(
+        ae_title=dest.ae_title,
+        host=dest.host,
+        port=dest.port,
+        calling_ae_title=dest.calling_ae_title or ctx.settings.ae_title,
+        max_pdu=dest.max_pdu,
+        timeout_s=dest.timeout_s,
+    )
+    paths: list[Path] = [ctx.spool.path(rel) for rel in p["files"]]
+    t0 = time.perf_counter()
+    report = send_files(paths, peer)
+    elapsed = time.perf_counter() - t0
+    log.info("deliver job %d: %d objects to %s in %.2f s", job.id, len(report.sent), dest.name, elapsed)
+    return {"destination": dest.name, "sent": report.sent, "warnings": report.warnings, "send_s": elapsed}
