@@ -102,9 +102,12 @@ def serve(
     threads = start_worker_threads(build_workers(services, list(JobKind)), stop) if workers else []
     server = None
     if http:
+        from dicom_ai_node.api.app import create_app
         from dicom_ai_node.api.server import start_http
 
-        server = start_http(services, settings.http.bind, settings.http.port)
+        info = {"version": __version__, "ae_title": settings.ae_title, "dicom_port": scp.port}
+        api = create_app(services.repo, services.queue, services.rules, info)
+        server = start_http(api, settings.http.bind, settings.http.port)
     log.info("dicom-ai-node %s: AE %s on %s:%d, admin http://%s:%d/", __version__, settings.ae_title,
              settings.dicom.bind, scp.port, settings.http.bind, settings.http.port)
     stop.wait()

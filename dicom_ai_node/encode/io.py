@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -17,11 +17,12 @@ def write_dataset(ds: Dataset, path: Path | str) -> None:
     a reader never sees a half-written file (durability, i.e. fsync, is the spool's job).
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=target.parent)
+    # open(..., "xb") honours the umask (mkstemp would force 0600 on a file other tools must read).
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}.dcm")
     try:
-        with os.fdopen(fd, "wb") as fp:
+        with open(tmp, "xb") as fp:
             ds.save_as(fp, enforce_file_format=True)
-        os.replace(tmp_name, target)
+        os.replace(tmp, target)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -3,8 +3,9 @@
 One group per segment the model declares, in the model's order:
 - found (voxel_count > 0): TID 1411 Volumetric ROI group referencing the SEG segment (with a
   "Source Series For Segmentation" reference instead of listing every source image), a Volume in
-  UCUM cm3, and the qualitative evaluation Finding = Present;
-- not found: TID 1501 group (no ROI to reference) with Finding = Absent and no measurement.
+  UCUM cm3, and the qualitative evaluation "Presence of property" = Present;
+- not found: TID 1501 group (no ROI to reference) with "Presence of property" = Absent and no
+  measurement.
 Each group carries TrackingIdentifier (segment label) + a deterministic TrackingUID (the same UID as
 the SEG segment's TrackingUID), the finding category/type codes, and TID 4019 Algorithm
 Identification with the model name/version and the rule as Algorithm Parameters
@@ -34,9 +35,10 @@ from dicom_ai_node.encode._common import hd_code, rule_parameters, series_descri
 from dicom_ai_node.encode.uids import device_observer_uid, segment_tracking_uid
 from dicom_ai_node.errors import EncodeError
 
-_FINDING = codes.DCM.Finding  # DCM 121071
-_PRESENT = codes.SCT.Present  # SCT 52101004
-_ABSENT = codes.SCT.Absent  # SCT 272519000
+# Not "Finding" (DCM 121071): TID 1411/1501 already use that concept name for the finding type.
+_PRESENCE = codes.DCM.PresenceOfProperty  # DCM 121052
+_PRESENT = codes.SCT.Present  # SCT 52101004, CID 240 "Present-Absent"
+_ABSENT = codes.SCT.Absent  # SCT 272519000, CID 240
 
 # CID 100 "Quantitative Diagnostic Imaging Procedures"
 _PROCEDURE_BY_MODALITY: dict[str, Code] = {
@@ -113,7 +115,7 @@ def encode_sr(
                     algorithm_id=algorithm,
                     finding_sites=finding_sites,
                     measurements=[volume],
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_FINDING, _PRESENT)],
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_PRESENCE, _PRESENT)],
                 )
             )
         else:
@@ -124,7 +126,7 @@ def encode_sr(
                     finding_category=hd_code(spec.category),
                     algorithm_id=algorithm,
                     finding_sites=finding_sites,
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_FINDING, _ABSENT)],
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_PRESENCE, _ABSENT)],
                 )
             )
 

@@ -13,32 +13,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 from dicom_ai_node.domain.jobs import JobKind
 from dicom_ai_node.domain.rules import Rule, RuleSet, matching_rules
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository, SeriesRow, SeriesStatus
+from dicom_ai_node.persistence.series_attrs import series_attributes
 
 log = logging.getLogger(__name__)
 
 EXPECTED_COUNT_QUIET_S = 1.0
 # A sweep that claimed a series and died before enqueueing leaves it in 'routing'; retry after this.
 STALLED_ROUTING_S = 60.0
-
-
-def series_attributes(row: SeriesRow) -> dict[str, Any]:
-    """The attributes rules match on, keyed by DICOM keyword (plus CallingAETitle, NumberOfInstances)."""
-    attrs: dict[str, Any] = dict(row.header)
-    attrs.update(
-        Modality=row.modality or attrs.get("Modality"),
-        BodyPartExamined=row.body_part_examined or attrs.get("BodyPartExamined"),
-        SeriesDescription=row.series_description or attrs.get("SeriesDescription"),
-        SOPClassUID=row.sop_class_uid,
-        CallingAETitle=row.calling_ae,
-        NumberOfInstances=row.instance_count,
-    )
-    return attrs
 
 
 def infer_dedupe_key(series_instance_uid: str, generation: int, rule: Rule) -> str:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus, RetryPolicy
 from dicom_ai_node.persistence import JobQueue, LeaseLostError
+from dicom_ai_node.persistence.tables import jobs
 from tests.contract.conftest import FakeClock
 
 INFER, DELIVER = JobKind.INFER, JobKind.DELIVER
@@ -126,30 +127,41 @@ def test_no_double_claim_under_concurrency(queue: JobQueue) -> None:
     assert len(done) == n_jobs and all(j.attempts == 1 for j in done)
 
 
-def test_lock_key_exclusion_holds_under_concurrency(queue: JobQueue) -> None:
+def test_lock_key_exclusion_holds_under_concurrency(queue: JobQueue, engine: sa.Engine) -> None:
     keys = ["study-1", "study-2", "study-3"]
     for i in range(48):
         queue.enqueue(INFER, {"i": i}, lock_key=keys[i % 3])
-    running: Counter[str] = Counter()
-    violations: list[str] = []
+    running_per_key: list[int] = []
     guard = threading.Lock()
+    count_running = sa.select(sa.func.count()).select_from(jobs).where(
+        jobs.c.lock_key == sa.bindparam("key"), jobs.c.status == "running"
+    )
 
     def work(worker: int) -> None:
         worker_id = f"worker-{worker}"
         while (job := queue.claim(worker_id, [INFER], LEASE_S)) is not None:
-            assert job.lock_key is not None
+            with engine.connect() as conn:  # while we hold it, nobody else runs this study
+                n = conn.execute(count_running, {"key": job.lock_key}).scalar_one()
             with guard:
-                running[job.lock_key] += 1
-                if running[job.lock_key] > 1:
-                    violations.append(job.lock_key)
-            with guard:
-                running[job.lock_key] -= 1
+                running_per_key.append(n)
             queue.succeed(job.id, worker_id)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(work, range(8)))
-    assert violations == []
+    assert running_per_key == [1] * 48
     assert queue.counts()["infer/succeeded"] == 48
+
+
+def test_database_refuses_two_running_jobs_with_one_lock_key(queue: JobQueue, engine: sa.Engine) -> None:
+    a = queue.enqueue(INFER, {}, lock_key="study-A")
+    b = queue.enqueue(INFER, {}, lock_key="study-A")
+    assert queue.claim("w1", [INFER], LEASE_S) is not None
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(sa.update(jobs).where(jobs.c.id == b).values(status="running"))
+    job = queue.get(b)
+    assert job is not None and job.status is JobStatus.QUEUED
+    queue.succeed(a, "w1")
+    assert queue.claim("w2", [INFER], LEASE_S) is not None
 
 
 def test_heartbeat_and_lease_lost(queue: JobQueue, clock: FakeClock) -> None:

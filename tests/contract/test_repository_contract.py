@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -16,6 +17,7 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 SERIES = "1.2.826.0.1.3680043.8.498.100"
 STUDY = "1.2.826.0.1.3680043.8.498.1"
+_S = timedelta(seconds=1)
 
 
 def instance(n: int, series_uid: str = SERIES) -> InstanceRecord:
@@ -221,5 +223,3 @@ def test_add_result_is_idempotent_on_sop_instance_uid(repo: SeriesRepository) ->
     with pytest.raises(ValueError):
         add(3, "2.25.3", "PDF", "x")
 
-
-_S = __import__("datetime").timedelta(seconds=1)
