@@ -136,7 +136,8 @@ def encode_seg(
             software_versions=identity.software_versions,
             device_serial_number=identity.device_serial_number,
             content_description=f"rule {rule.rule_id} v{rule.rule_version}"[:LONG_STRING_MAX],
-            # Type 2: left empty; an automatic result has no human creator and this must never be PHI.
+            # Type 3 in the Segmentation Image Module: omitted; an automatic result has no human
+            # creator, and this must never carry PHI.
             content_creator_name=None,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             omit_empty_frames=omit_empty_frames,

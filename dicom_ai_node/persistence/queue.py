@@ -28,6 +28,7 @@ from dicom_ai_node.persistence.tables import UtcDateTime, jobs
 log = logging.getLogger(__name__)
 
 ERROR_MAX_CHARS = 2000
+DEFAULT_RETRY_POLICY = RetryPolicy()
 _RUNNABLE = (JobStatus.QUEUED.value, JobStatus.FAILED.value)
 # A claim loses a lock-key race only when another worker claimed a job with the same key at the same
 # moment; the next attempt sees that job running and skips the key.
@@ -66,7 +67,9 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self, engine: sa.Engine, policy: RetryPolicy = RetryPolicy(), clock: Clock = utcnow) -> None:
+    def __init__(
+        self, engine: sa.Engine, policy: RetryPolicy = DEFAULT_RETRY_POLICY, clock: Clock = utcnow
+    ) -> None:
         self._engine = engine
         self._policy = policy
         self._clock = clock
@@ -158,30 +161,30 @@ class JobQueue:
             job_id = conn.execute(candidate).scalar_one_or_none()
             if job_id is None:
                 return None
-            row = conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status.in_(_RUNNABLE))
-                .values(
-                    status=JobStatus.RUNNING.value,
-                    attempts=jobs.c.attempts + 1,
-                    worker_id=worker_id,
-                    started_at=now,
-                    heartbeat_at=now,
-                    finished_at=None,
-                    updated_at=now,
+            row = (
+                conn.execute(
+                    sa.update(jobs)
+                    .where(jobs.c.id == job_id, jobs.c.status.in_(_RUNNABLE))
+                    .values(
+                        status=JobStatus.RUNNING.value,
+                        attempts=jobs.c.attempts + 1,
+                        worker_id=worker_id,
+                        started_at=now,
+                        heartbeat_at=now,
+                        finished_at=None,
+                        updated_at=now,
+                    )
+                    .returning(*jobs.c)
                 )
-                .returning(*jobs.c)
-            ).mappings().one_or_none()
+                .mappings()
+                .one_or_none()
+            )
         return _job(row) if row is not None else None
 
     def heartbeat(self, job_id: int, worker_id: str) -> bool:
         """Renew the lease; False when the job is no longer running under `worker_id` (lease lost)."""
         now = self._clock()
-        stmt = (
-            sa.update(jobs)
-            .where(*_owned(job_id, worker_id))
-            .values(heartbeat_at=now, updated_at=now)
-        )
+        stmt = sa.update(jobs).where(*_owned(job_id, worker_id)).values(heartbeat_at=now, updated_at=now)
         with self._engine.begin() as conn:
             return conn.execute(stmt).rowcount == 1
 

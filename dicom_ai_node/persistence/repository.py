@@ -22,7 +22,7 @@ ResultKind = Literal["SEG", "SR"]
 _NOTE_MAX = 512
 
 
-class SeriesStatus(str, enum.Enum):
+class SeriesStatus(enum.StrEnum):
     RECEIVING = "receiving"  # instances arriving; due for routing after its quiet period
     ROUTING = "routing"  # claimed by one completion sweep
     ROUTED = "routed"  # a rule matched and its jobs were enqueued
@@ -249,9 +249,7 @@ class SeriesRepository:
     # -- reads -------------------------------------------------------------------------------------
 
     def get_series(self, series_instance_uid: str) -> SeriesRow | None:
-        rows = self._series_rows(
-            sa.select(series).where(series.c.series_instance_uid == series_instance_uid)
-        )
+        rows = self._series_rows(sa.select(series).where(series.c.series_instance_uid == series_instance_uid))
         return rows[0] if rows else None
 
     def list_series(self, limit: int = 100, status: SeriesStatus | str | None = None) -> list[SeriesRow]:
@@ -286,7 +284,7 @@ class SeriesRepository:
         spool_path: str,
         now: datetime | None = None,
     ) -> int:
-        """Record a result object; idempotent on SOP Instance UID (a re-run updates the row). Returns its id."""
+        """Record a result object and return its id; idempotent on SOP Instance UID (a re-run updates it)."""
         if kind not in ("SEG", "SR"):
             raise ValueError(f"result kind must be 'SEG' or 'SR', not {kind!r}")
         values: dict[str, Any] = {

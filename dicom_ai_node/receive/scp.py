@@ -52,6 +52,8 @@ def handle_requested(event: Event, allow_list: PeerAllowList) -> None:
     if not allow_list.is_allowed(calling_ae, requestor.address):
         log.warning("association rejected: calling AE %r from %s is not allowed", calling_ae, requestor.address)
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
+        # As pynetdicom's own reject path does: kill() lets the DUL flush the A-ASSOCIATE-RJ first.
+        event.assoc.kill()
 
 
 def handle_echo(event: Event) -> int:

@@ -55,14 +55,21 @@ def _admin_engine() -> sa.Engine:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     admin = _admin_engine()
+    unreachable = ""
     try:
         with admin.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError as exc:
-        reason = f"PostgreSQL at {admin.url.render_as_string(hide_password=True)} unreachable: {exc.orig}"
+        unreachable = (
+            f"PostgreSQL at {admin.url.render_as_string(hide_password=True)} unreachable: {exc.orig}"
+        )
+    if unreachable:
         if os.environ.get("AINODE_SKIP_POSTGRES") == "1":
-            pytest.skip(reason)
-        pytest.fail(f"{reason}\nStart PostgreSQL or set AINODE_SKIP_POSTGRES=1 to skip these tests.")
+            pytest.skip(unreachable)
+        pytest.fail(
+            f"{unreachable}\nStart PostgreSQL or set AINODE_SKIP_POSTGRES=1 to skip these tests.",
+            pytrace=False,
+        )
     name = f"ainode_test_{secrets.token_hex(6)}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))

@@ -68,7 +68,8 @@ def test_postgres_urls_use_psycopg(url: str, driver: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["sqlite://", "sqlite:///:memory:", "mysql://root@localhost/x", "postgresql+psycopg2://h/x", "nope"]
+    "url",
+    ["sqlite://", "sqlite:///:memory:", "mysql://root@localhost/x", "postgresql+psycopg2://h/x", "nope"],
 )
 def test_unsupported_urls_are_config_errors(url: str) -> None:
     with pytest.raises(ConfigError, match="database.url"):

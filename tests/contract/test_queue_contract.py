@@ -133,8 +133,10 @@ def test_lock_key_exclusion_holds_under_concurrency(queue: JobQueue, engine: sa.
         queue.enqueue(INFER, {"i": i}, lock_key=keys[i % 3])
     running_per_key: list[int] = []
     guard = threading.Lock()
-    count_running = sa.select(sa.func.count()).select_from(jobs).where(
-        jobs.c.lock_key == sa.bindparam("key"), jobs.c.status == "running"
+    count_running = (
+        sa.select(sa.func.count())
+        .select_from(jobs)
+        .where(jobs.c.lock_key == sa.bindparam("key"), jobs.c.status == "running")
     )
 
     def work(worker: int) -> None:
@@ -282,3 +284,20 @@ def test_succeed_stores_result_and_counts(queue: JobQueue) -> None:
     assert sum(counts.values()) == 3
     with pytest.raises(LeaseLostError):
         queue.succeed(job_id, "w")  # already finished
+
+
+def test_claim_racing_an_uncommitted_claim_of_the_same_lock_key(queue: JobQueue, engine: sa.Engine) -> None:
+    """Another worker's claim of study-A is in flight (not committed) when we claim: we must not run
+    a second study-A job. PostgreSQL: the partial unique index makes our UPDATE wait, then fail, then
+    the retry skips the key. SQLite: BEGIN IMMEDIATE makes our claim wait for the other one."""
+    a1 = queue.enqueue(INFER, {}, lock_key="study-A", priority=1)
+    a2 = queue.enqueue(INFER, {}, lock_key="study-A", priority=1)
+    with ThreadPoolExecutor(1) as pool, engine.connect() as conn:
+        with conn.begin():
+            conn.execute(sa.update(jobs).where(jobs.c.id == a1).values(status="running", worker_id="w1"))
+            racing = pool.submit(queue.claim, "w2", [INFER], LEASE_S)
+            threading.Event().wait(0.3)  # let the racing claim reach the lock it has to wait on
+            assert not racing.done()
+        assert racing.result(timeout=30) is None
+    job = queue.get(a2)
+    assert job is not None and job.status is JobStatus.QUEUED

@@ -56,7 +56,11 @@ def test_first_instance_creates_the_series(repo: SeriesRepository, clock: FakeCl
     )
     assert s.header == {"SliceThickness": 1.0, "Rows": 512, "Columns": 512, "ImagesInAcquisition": 3}
     (row,) = repo.instances_of_series(SERIES)
-    assert (row.sop_instance_uid, row.spool_path, row.size_bytes) == (f"{SERIES}.1", "ab/cd/00000001.dcm", 1001)
+    assert (row.sop_instance_uid, row.spool_path, row.size_bytes) == (
+        f"{SERIES}.1",
+        "ab/cd/00000001.dcm",
+        1001,
+    )
     assert row.received_at == clock.now
     assert repo.get_series("9.9.9") is None
 
@@ -222,4 +226,3 @@ def test_add_result_is_idempotent_on_sop_instance_uid(repo: SeriesRepository) ->
     assert repo.results_of_job(1) == []
     with pytest.raises(ValueError):
         add(3, "2.25.3", "PDF", "x")
-

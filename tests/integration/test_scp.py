@@ -1,0 +1,145 @@
+"""The C-STORE SCP against real peers over loopback: DCMTK storescu and pynetdicom."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from tests.support.synthetic import write_ct_series
+
+
+def _storescu(files: list[Path], port: int, calling: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(
+        ["storescu", "-aet", calling, "-aec", "AINODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+
+
+def _assoc(port: int, calling: str = "TESTSCU"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="AINODE")
+
+
+def test_storescu_series_is_persisted_with_files_and_rows(running_scp, tmp_path: Path) -> None:
+    files = write_ct_series(tmp_path / "ct", n_slices=8)
+    proc = _storescu(files, running_scp.port)
+    assert proc.returncode == 0, proc.stderr
+    services = running_scp.services
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    row = services.repo.get_series(series_uid)
+    assert row is not None and row.instance_count == 8 and row.modality == "CT"
+    assert row.calling_ae == "STORESCU"
+    stored = services.repo.instances_of_series(series_uid)
+    sources = {str(dcmread(f).SOPInstanceUID): f for f in files}
+    for inst in stored:
+        path = services.spool.path(inst.spool_path)
+        # File names come from UUIDs, never from DICOM values.
+        assert inst.sop_instance_uid not in path.name
+        # Stored as received: the pixel data is byte-identical.
+        assert dcmread(path).PixelData == dcmread(sources[inst.sop_instance_uid]).PixelData
+    assert list(services.spool.incoming.iterdir()) == []
+
+
+def test_duplicate_instance_is_stored_once(running_scp, tmp_path: Path) -> None:
+    files = write_ct_series(tmp_path / "ct", n_slices=3)
+    assert _storescu(files, running_scp.port).returncode == 0
+    assert _storescu(files[:1], running_scp.port).returncode == 0  # answered Success again
+    series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert running_scp.services.repo.get_series(series_uid).instance_count == 3
+    spooled = list((running_scp.services.spool.root / "instances").rglob("*.dcm"))
+    assert len(spooled) == 3
+
+
+def test_unknown_calling_ae_is_rejected(running_scp) -> None:
+    assoc = _assoc(running_scp.port, calling="INTRUDER")
+    assert assoc.is_rejected
+
+
+def test_echo(running_scp) -> None:
+    assoc = _assoc(running_scp.port)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def _garbage_file(path: Path, sop_instance_uid: str) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fh, meta)
+        # An element header declaring a 4 GB value that is not there, then junk.
+        fh.write(b"\x08\x00\x18\x00UI\xff\xff" + b"\x01\x02\x03" * 50)
+    return path
+
+
+def test_corrupt_dataset_gets_failure_status_and_node_keeps_serving(running_scp, tmp_path: Path, caplog) -> None:
+    bad_uid = generate_uid()
+    bad = _garbage_file(tmp_path / "bad.dcm", bad_uid)
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the raw bytes as they are
+    try:
+        assoc = _assoc(running_scp.port)
+        status = assoc.send_c_store(bad)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert status.Status in (0xC210, 0xA900), hex(status.Status)
+    assert bad_uid in caplog.text and "TESTSCU" in caplog.text
+    # Nothing half-stored, and the node still serves.
+    assert running_scp.services.repo.instances_of_series("1.2.3") == []
+    files = write_ct_series(tmp_path / "ct", n_slices=2)
+    assert _storescu(files, running_scp.port).returncode == 0
+
+
+def test_missing_series_uid_is_refused_with_a900(running_scp, tmp_path: Path) -> None:
+    files = write_ct_series(tmp_path / "ct", n_slices=1)
+    ds = dcmread(files[0])
+    del ds.SeriesInstanceUID
+    assoc = _assoc(running_scp.port)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA900
+
+
+def test_disk_under_reserve_refuses_with_a700(node_settings, tmp_path: Path) -> None:
+    from dicom_ai_node.node import build_services
+    from dicom_ai_node.receive.scp import StorageSCP
+
+    settings = node_settings.model_copy(update={"disk_reserve_mb": 10**9})  # a petabyte reserve
+    services = build_services(settings)
+    scp = StorageSCP(settings, services.spool, services.repo)
+    scp.start()
+    try:
+        ds = dcmread(write_ct_series(tmp_path / "ct", n_slices=1)[0])
+        assoc = _assoc(scp.port)
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0xA700
+        assert services.repo.get_series(str(ds.SeriesInstanceUID)) is None
+    finally:
+        scp.stop()
+
+
+@pytest.mark.parametrize("calling,expected", [("TESTSCU", True), ("STORESCU", True), ("OTHER", False)])
+def test_allow_list(calling: str, expected: bool) -> None:
+    from dicom_ai_node.config import AllowedPeer
+    from dicom_ai_node.receive.allowlist import PeerAllowList
+
+    allow = PeerAllowList([AllowedPeer(ae_title="TESTSCU", hosts=["127.0.0.0/8"]), AllowedPeer(ae_title="STORESCU")])
+    assert allow.is_allowed(calling, "127.0.0.1") is expected
+    assert allow.is_allowed("TESTSCU", "10.1.2.3") is False
+    assert PeerAllowList([], allow_any=True).is_allowed("ANY", "10.1.2.3")
