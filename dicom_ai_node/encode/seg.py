@@ -41,7 +41,6 @@ from dicom_ai_node.encode.uids import segment_tracking_uid
 from dicom_ai_node.errors import EncodeError, InferenceError
 
 
-
 def segment_numbers(
     label_map: npt.NDArray[np.integer], segments: Sequence[SegmentSpec]
 ) -> list[tuple[int, SegmentSpec]]:
@@ -63,7 +62,6 @@ def segment_numbers(
 def display_cielab(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """sRGB (0..255) to a DICOM-scaled CIELab triplet (PS3.3 C.10.7.1.1) for RecommendedDisplayCIELabValue."""
     return tuple(hd.color.CIELabColor.from_rgb(*rgb).value)  # type: ignore[return-value]
-
 
 
 def encode_seg(
@@ -111,16 +109,11 @@ def encode_seg(
             algorithm_identification=algorithm,
             tracking_uid=segment_tracking_uid(uids, spec.label_value),
             tracking_id=spec.label,
-            anatomic_regions=(
-                [hd_code(spec.anatomic_region)] if spec.anatomic_region is not None else None
-            ),
+            anatomic_regions=([hd_code(spec.anatomic_region)] if spec.anatomic_region is not None else None),
             display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
         )
         for number, spec in numbered
     ]
-    extra: dict[str, str] = {}
-    if identity.institution_name:
-        extra["institution_name"] = identity.institution_name
     try:
         seg = hd.seg.Segmentation(
             source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
@@ -142,7 +135,7 @@ def encode_seg(
             transfer_syntax_uid=ExplicitVRLittleEndian,
             omit_empty_frames=omit_empty_frames,
             series_description=series_description(identity.seg_series_description_prefix, model),
-            **extra,
+            institution_name=identity.institution_name or None,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         series_uid = source_datasets[0].get("SeriesInstanceUID", "?")
@@ -179,5 +172,3 @@ def _check_grid(source_datasets: Sequence[Dataset], label_map: npt.NDArray[np.in
                 f"label map frames are {label_map.shape[1:]} but instance {ds.SOPInstanceUID} is "
                 f"{ds.Rows}x{ds.Columns}"
             )
-
-

@@ -151,9 +151,6 @@ def encode_sr(
     # instances that were examined. highdicom copies patient/study identity from the first item.
     evidence: list[Dataset] = [seg] if seg is not None else list(source_datasets)
     evidence[0] = with_type2_identity(evidence[0])
-    extra: dict[str, str] = {}
-    if identity.institution_name:
-        extra["institution_name"] = identity.institution_name
     try:
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
@@ -171,7 +168,7 @@ def encode_sr(
             is_complete=True,
             is_final=False,
             is_verified=False,
-            **extra,
+            institution_name=identity.institution_name or None,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"cannot encode SR for series {source_series_uid}: {exc}") from exc
@@ -191,4 +188,3 @@ def _seg_segment_numbers(seg: Dataset | None, uids: ResultUids) -> dict[str, int
         for item in seg.SegmentSequence
         if "TrackingUID" in item
     }
-

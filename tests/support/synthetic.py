@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -169,7 +170,7 @@ def _write_series(
         sop_instance_uid = generate_uid()
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+        ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
         ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID

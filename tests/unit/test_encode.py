@@ -229,7 +229,9 @@ def assert_seg_header(
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert seg.PatientID == FAKE_PATIENT_ID
     assert [item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence] == [source.SeriesInstanceUID]
-    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {
+        item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
     assert referenced == {ds.SOPInstanceUID for ds in series.headers}
 
     assert seg.SeriesNumber == IDENTITY.seg_series_number
@@ -262,7 +264,9 @@ def assert_seg_header(
         if spec.anatomic_region is not None:
             assert item.AnatomicRegionSequence[0].CodeValue == spec.anatomic_region.value
 
-    non_empty_frames = sum(int((label_map == spec.label_value).any(axis=(1, 2)).sum()) for _, spec in numbered)
+    non_empty_frames = sum(
+        int((label_map == spec.label_value).any(axis=(1, 2)).sum()) for _, spec in numbered
+    )
     expected_frames = non_empty_frames if omit_empty_frames else len(numbered) * series.shape[0]
     assert seg.NumberOfFrames == expected_frames
 
@@ -279,7 +283,10 @@ def assert_sr_content(
     uids = result_uids(source.SeriesInstanceUID, MODEL, RULE)
     sr = hd.sr.srread(sr_path)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
-    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (uids.sr_series_instance_uid, uids.sr_sop_instance_uid)
+    assert (sr.SeriesInstanceUID, sr.SOPInstanceUID) == (
+        uids.sr_series_instance_uid,
+        uids.sr_sop_instance_uid,
+    )
     assert sr.StudyInstanceUID == source.StudyInstanceUID
     assert sr.SeriesNumber == IDENTITY.sr_series_number
     assert sr.SeriesDescription == f"{IDENTITY.sr_series_description_prefix} {MODEL.name}"
@@ -296,7 +303,7 @@ def assert_sr_content(
     number_by_label = {spec.label_value: number for number, spec in numbered}
     found = report.get_volumetric_roi_measurement_groups()
     assert len(found) == len(numbered)
-    for group, (number, spec) in zip(found, numbered, strict=True):
+    for group, (_, spec) in zip(found, numbered, strict=True):
         assert group.tracking_uid == segment_tracking_uid(uids, spec.label_value)
         referenced = group.referenced_segment
         assert referenced is not None
@@ -309,22 +316,24 @@ def assert_sr_content(
         voxels = int((label_map == spec.label_value).sum())
         assert volume.value == pytest.approx(voxels * voxel_mm3 / 1000.0, rel=1e-9)
         assert _presence(group) == "Present"
+        assert group.finding_type is not None
         assert group.finding_type.value == spec.property_type.value
 
     absent = [s for s in segments if s.label_value not in number_by_label]
     not_found = report.get_image_measurement_groups()
     assert [g.tracking_uid for g in not_found] == [segment_tracking_uid(uids, s.label_value) for s in absent]
-    for group in not_found:
-        assert _presence(group) == "Absent"
-        assert group.get_measurements() == []
+    for absent_group in not_found:
+        assert _presence(absent_group) == "Absent"
+        assert absent_group.get_measurements() == []
 
     _assert_sr_identity(sr_bytes)
 
 
-def _presence(group: hd.sr.templates.Template) -> str:
-    values = [
-        q.value.meaning for q in group.get_qualitative_evaluations() if q.name.value == "121052"
-    ]
+def _presence(
+    group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations,
+) -> str:
+    values = [q.value.meaning for q in group.get_qualitative_evaluations() if q.name.value == "121052"]
     assert len(values) == 1
     return str(values[0])
 
@@ -352,6 +361,7 @@ def test_nothing_found_gives_no_seg_and_a_valid_not_found_sr(tmp_path: Path, ct:
 
     parsed = hd.sr.srread(sr_path)
     report = parsed.content
+    assert isinstance(report, hd.sr.MeasurementReport)
     assert report.get_volumetric_roi_measurement_groups() == []
     groups = report.get_image_measurement_groups()
     uids = result_uids(ct.headers[0].SeriesInstanceUID, MODEL, RULE)
@@ -397,7 +407,7 @@ def test_label_map_off_the_source_grid_is_refused(ct: Series) -> None:
         with pytest.raises(EncodeError):
             encode_seg(ct.headers, np.ones(shape, np.uint8), [LEFT], MODEL, RULE, IDENTITY, uids)
     with pytest.raises(EncodeError):
-        encode_seg(ct.headers, np.ones(ct.shape, np.float32), [LEFT], MODEL, RULE, IDENTITY, uids)  # type: ignore[arg-type]
+        encode_seg(ct.headers, np.ones(ct.shape, np.float32), [LEFT], MODEL, RULE, IDENTITY, uids)
 
 
 def test_undeclared_label_value_is_an_inference_error(ct: Series) -> None:

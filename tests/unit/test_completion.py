@@ -1,0 +1,115 @@
+"""Completion sweep + routing against a real SQLite database, with a controlled clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dicom_ai_node.domain.jobs import JobKind
+from dicom_ai_node.domain.rules import load_rules
+from dicom_ai_node.persistence.db import create_schema, make_engine
+from dicom_ai_node.persistence.queue import JobQueue
+from dicom_ai_node.persistence.repository import InstanceRecord, SeriesRepository, SeriesStatus
+from dicom_ai_node.route.completion import CompletionSweep
+
+RULES = load_rules(Path(__file__).parents[2] / "config" / "rules.yaml")
+T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def env(tmp_path: Path):  # type: ignore[no-untyped-def]
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    create_schema(engine)
+    clock = Clock()
+    repo = SeriesRepository(engine, clock=clock)
+    queue = JobQueue(engine, clock=clock)
+    sweep = CompletionSweep(repo, queue, lambda: RULES, default_quiet_s=5, clock=clock)
+    return repo, queue, sweep, clock
+
+
+def _receive(repo: SeriesRepository, series: str, n: int, modality: str = "CT", start: int = 0, **header: object) -> None:
+    for i in range(start, start + n):
+        repo.record_instance(InstanceRecord(
+            sop_instance_uid=f"{series}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid=series,
+            study_instance_uid="1.2.3", transfer_syntax_uid="1.2.840.10008.1.2.1", spool_path=f"x/{series}.{i}",
+            size_bytes=1, calling_ae="ORTHANC", modality=modality, body_part_examined="CHEST",
+            series_description="CHEST CT", header={"Modality": modality, **header}))
+
+
+def test_series_waits_for_quiet_period_then_routes_once(env) -> None:  # type: ignore[no-untyped-def]
+    repo, queue, sweep, clock = env
+    _receive(repo, "1.9.1", 30)
+    clock.now = T0 + timedelta(seconds=3)
+    assert sweep.run_once().routed == 0
+    clock.now = T0 + timedelta(seconds=6)
+    stats = sweep.run_once()
+    assert stats.routed == 1 and stats.jobs == 1
+    assert sweep.run_once().routed == 0  # idempotent
+    [job] = queue.list_jobs()
+    assert job.kind == JobKind.INFER
+    assert job.payload["model"] == "ct-lung-classical" and job.payload["rule_id"] == "ct-chest-lungs"
+    assert job.payload["generation"] == 1 and job.payload["destinations"] == ["pacs"]
+    row = repo.get_series("1.9.1")
+    assert row.status == SeriesStatus.ROUTED and "ct-chest-lungs v1" in row.route_note
+
+
+def test_unmatched_series_is_recorded_not_an_error(env) -> None:  # type: ignore[no-untyped-def]
+    repo, queue, sweep, clock = env
+    _receive(repo, "1.9.2", 1, modality="CR")
+    clock.now = T0 + timedelta(seconds=10)
+    assert sweep.run_once().unmatched == 1
+    assert repo.get_series("1.9.2").status == SeriesStatus.UNMATCHED
+    assert queue.list_jobs() == []
+
+
+def test_late_instance_opens_a_new_generation_and_a_new_job(env) -> None:  # type: ignore[no-untyped-def]
+    repo, queue, sweep, clock = env
+    _receive(repo, "1.9.3", 25)
+    clock.now = T0 + timedelta(seconds=10)
+    sweep.run_once()
+    clock.now = T0 + timedelta(seconds=20)
+    _receive(repo, "1.9.3", 1, start=25)
+    assert repo.get_series("1.9.3").generation == 2
+    clock.now = T0 + timedelta(seconds=26)
+    sweep.run_once()
+    jobs = sorted(queue.list_jobs(), key=lambda j: j.id)
+    assert [j.payload["generation"] for j in jobs] == [1, 2]
+    assert jobs[0].dedupe_key != jobs[1].dedupe_key
+
+
+def test_expected_count_shortens_the_wait(env) -> None:  # type: ignore[no-untyped-def]
+    repo, queue, sweep, clock = env
+    _receive(repo, "1.9.4", 24, ImagesInAcquisition=24)
+    clock.now = T0 + timedelta(seconds=1.5)
+    assert sweep.run_once().routed == 1
+
+
+def test_new_instance_during_wait_restarts_the_quiet_period(env) -> None:  # type: ignore[no-untyped-def]
+    repo, queue, sweep, clock = env
+    _receive(repo, "1.9.5", 24)
+    clock.now = T0 + timedelta(seconds=4)
+    _receive(repo, "1.9.5", 1, start=24)
+    clock.now = T0 + timedelta(seconds=6)
+    assert sweep.run_once().routed == 0
+    clock.now = T0 + timedelta(seconds=9.5)
+    assert sweep.run_once().routed == 1
+    assert queue.list_jobs()[0].payload["generation"] == 1
+
+
+def test_two_sweepers_route_a_series_once(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    repo, queue, sweep, clock = env
+    other = CompletionSweep(repo, queue, lambda: RULES, default_quiet_s=5, clock=clock)
+    _receive(repo, "1.9.6", 30)
+    clock.now = T0 + timedelta(seconds=10)
+    assert sweep.run_once().routed + other.run_once().routed == 1
+    assert len(queue.list_jobs()) == 1
