@@ -17,6 +17,8 @@ the model (Device Observer Name = model name, Model Name = model version, as in 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -24,6 +26,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_ai_node.domain.results import (
+    CodedConcept,
     ModelIdentity,
     OutputIdentity,
     ResultUids,
@@ -58,20 +61,21 @@ def encode_sr(
     identity: OutputIdentity,
     uids: ResultUids,
     *,
-    segments: Sequence[SegmentSpec],
+    segments: Sequence[SegmentSpec] | None = None,
 ) -> Dataset:
     """Encode the measurements of one segmentation result as a Comprehensive SR (TID 1500).
 
     `seg` is the SEG from `encode_seg` for the same `uids`, or None when nothing was found (then the
     SR reports every segment as not found and lists the source instances as evidence).
-    `segments` supplies the codes of each measured label value.
+    `segments` (the model's segment list; recommended) supplies the label and codes of each measured
+    label value. Without it, found segments take them from the SEG, and not-found segments are
+    reported by label only (there is no SEG item to take codes from).
     """
     if not source_datasets:
         raise EncodeError("no source datasets")
     if not measurements:
         raise EncodeError("no measurements: a TID 1500 report needs at least one group")
-    spec_by_label = {spec.label_value: spec for spec in segments}
-    segment_number_by_tracking_uid = _seg_segment_numbers(seg, uids)
+    seg_items = _seg_items_by_tracking_uid(seg, uids)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name,
         version=model.version,
@@ -84,51 +88,44 @@ def encode_sr(
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = []
     for measurement in measurements:
-        spec = spec_by_label.get(measurement.label_value)
-        if spec is None:
-            raise EncodeError(f"no segment spec for measured label value {measurement.label_value}")
-        tracking_uid = segment_tracking_uid(uids, spec.label_value)
-        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=spec.label)
-        finding_sites = (
-            [hd.sr.FindingSite(hd_code(spec.anatomic_region))] if spec.anatomic_region is not None else None
+        tracking_uid = segment_tracking_uid(uids, measurement.label_value)
+        finding = _finding(measurement, segments, seg_items.get(tracking_uid))
+        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=finding.label)
+        common: dict[str, Any] = {
+            "tracking_identifier": tracking,
+            "finding_type": _optional_code(finding.property_type),
+            "finding_category": _optional_code(finding.category),
+            "algorithm_id": algorithm,
+            "finding_sites": (
+                [hd.sr.FindingSite(hd_code(finding.anatomic_region))] if finding.anatomic_region else None
+            ),
+        }
+        if measurement.voxel_count == 0:
+            absent = hd.sr.QualitativeEvaluation(_PRESENCE, _ABSENT)
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(qualitative_evaluations=[absent], **common)
+            )
+            continue
+        seg_item = seg_items.get(tracking_uid)
+        if seg is None or seg_item is None:
+            raise EncodeError(f"segment '{finding.label}' has voxels but is not in the given SEG")
+        referenced_segment = hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=int(seg_item.SegmentNumber),
+            source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         )
-        if measurement.voxel_count > 0:
-            if seg is None or tracking_uid not in segment_number_by_tracking_uid:
-                raise EncodeError(f"segment '{spec.label}' has voxels but is not in the given SEG")
-            referenced_segment = hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID,
-                sop_instance_uid=seg.SOPInstanceUID,
-                segment_number=segment_number_by_tracking_uid[tracking_uid],
-                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
+        volume = hd.sr.Measurement(
+            name=codes.SCT.Volume, value=measurement.volume_cm3, unit=codes.UCUM.CubicCentimeter
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_segment=referenced_segment,
+                measurements=[volume],
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(_PRESENCE, _PRESENT)],
+                **common,
             )
-            volume = hd.sr.Measurement(
-                name=codes.SCT.Volume,
-                value=measurement.volume_cm3,
-                unit=codes.UCUM.CubicCentimeter,
-            )
-            groups.append(
-                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    referenced_segment=referenced_segment,
-                    finding_type=hd_code(spec.property_type),
-                    finding_category=hd_code(spec.category),
-                    algorithm_id=algorithm,
-                    finding_sites=finding_sites,
-                    measurements=[volume],
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_PRESENCE, _PRESENT)],
-                )
-            )
-        else:
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    finding_type=hd_code(spec.property_type),
-                    finding_category=hd_code(spec.category),
-                    algorithm_id=algorithm,
-                    finding_sites=finding_sites,
-                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(_PRESENCE, _ABSENT)],
-                )
-            )
+        )
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
@@ -177,14 +174,47 @@ def encode_sr(
     return sr
 
 
-def _seg_segment_numbers(seg: Dataset | None, uids: ResultUids) -> dict[str, int]:
-    """TrackingUID -> SegmentNumber of the SEG's segments (the link between SEG and SR groups)."""
+@dataclass(frozen=True)
+class _Finding:
+    """What one measurement group is about: its label and (where known) its codes."""
+
+    label: str
+    category: CodedConcept | None
+    property_type: CodedConcept | None
+    anatomic_region: CodedConcept | None
+
+
+def _finding(
+    measurement: SegmentMeasurement, segments: Sequence[SegmentSpec] | None, seg_item: Dataset | None
+) -> _Finding:
+    if segments is not None:
+        spec = next((s for s in segments if s.label_value == measurement.label_value), None)
+        if spec is None:
+            raise EncodeError(f"no segment spec for measured label value {measurement.label_value}")
+        return _Finding(spec.label, spec.category, spec.property_type, spec.anatomic_region)
+    if seg_item is not None:
+        regions = seg_item.get("AnatomicRegionSequence") or []
+        return _Finding(
+            str(seg_item.SegmentLabel),
+            _domain_code(seg_item.SegmentedPropertyCategoryCodeSequence[0]),
+            _domain_code(seg_item.SegmentedPropertyTypeCodeSequence[0]),
+            _domain_code(regions[0]) if regions else None,
+        )
+    return _Finding(measurement.label, None, None, None)
+
+
+def _seg_items_by_tracking_uid(seg: Dataset | None, uids: ResultUids) -> dict[str, Dataset]:
+    """TrackingUID -> SegmentSequence item of the SEG (the link between SEG segments and SR groups)."""
     if seg is None:
         return {}
     if seg.SOPInstanceUID != uids.seg_sop_instance_uid:
         raise EncodeError("the SEG passed to encode_sr was not made with these result UIDs")
-    return {
-        str(item.TrackingUID): int(item.SegmentNumber)
-        for item in seg.SegmentSequence
-        if "TrackingUID" in item
-    }
+    return {str(item.TrackingUID): item for item in seg.SegmentSequence if "TrackingUID" in item}
+
+
+def _domain_code(item: Dataset) -> CodedConcept:
+    return CodedConcept(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+
+
+def _optional_code(concept: CodedConcept | None) -> hd.sr.CodedConcept | None:
+    return hd_code(concept) if concept is not None else None

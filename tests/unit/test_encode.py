@@ -333,7 +333,13 @@ def _presence(
     group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations,
 ) -> str:
-    values = [q.value.meaning for q in group.get_qualitative_evaluations() if q.name.value == "121052"]
+    """Value of the "Presence of property" (DCM 121052) qualitative evaluation of a group."""
+    # highdicom types QualitativeEvaluation.value as a number; read the coded value directly.
+    values = [
+        q[0].ConceptCodeSequence[0].CodeMeaning
+        for q in group.get_qualitative_evaluations()
+        if q.name.value == "121052"
+    ]
     assert len(values) == 1
     return str(values[0])
 
@@ -474,3 +480,29 @@ def test_frame_i_follows_source_dataset_i_in_any_order(tmp_path: Path, ct: Serie
     assert run_dciodvfy(seg_path) == []
     assert run_dciodvfy(sr_path) == []
     assert_seg_round_trip(seg_path, reversed_series, label_map, segment_numbers(label_map, [LEFT, RIGHT]))
+
+
+def test_sr_without_segment_list_takes_codes_from_the_seg(tmp_path: Path, mr: Series) -> None:
+    segments = [LEFT, RIGHT, BRAIN]
+    label_map = two_segment_map(mr.shape, LEFT.label_value, BRAIN.label_value)
+    uids = result_uids(mr.headers[0].SeriesInstanceUID, MODEL, RULE)
+    seg = encode_seg(mr.headers, label_map, segments, MODEL, RULE, IDENTITY, uids)
+    assert seg is not None
+    measurements = measure(label_map, segments, voxel_volume_mm3(mr.headers))
+    sr = encode_sr(mr.headers, seg, measurements, MODEL, RULE, IDENTITY, uids)  # no segments=
+    sr_path = tmp_path / "sr.dcm"
+    write_dataset(sr, sr_path)
+    assert run_dciodvfy(sr_path) == []
+
+    report = hd.sr.srread(sr_path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    found = report.get_volumetric_roi_measurement_groups()
+    assert [g.finding_type.value if g.finding_type else None for g in found] == [
+        SCT_LEFT_LUNG.value,
+        SCT_BRAIN.value,
+    ]
+    assert found[1].finding_sites[0].value.value == "69536005"  # anatomic region from the SEG
+    (not_found,) = report.get_image_measurement_groups()
+    assert not_found.tracking_identifier == RIGHT.label
+    assert not_found.finding_type is None
+    assert _presence(not_found) == "Absent"

@@ -1,0 +1,102 @@
+"""Ingest benchmark: C-STORE into the node vs DCMTK storescp (TCP_NODELAY=1), same sender, same data.
+
+Both receivers get the same N CT instances (512x512, ~0.5 MB) from DCMTK storescu with TCP_NODELAY=1 over
+loopback, one association; the table prints instances/s and the node/storescp ratio measured in this run.
+The node persists durably (fsync file + dir + SQLite commit per instance); storescp never fsyncs.
+
+    .venv/bin/python benchmarks/ingest.py [--instances 300] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.node import NodeProcess, free_port  # noqa: E402
+from tests.support.synthetic import write_ct_series  # noqa: E402
+
+ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def storescu(files_dir: Path, port: int, called: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", called, "+sd", "-nh", "127.0.0.1", str(port), str(files_dir)],
+        check=True, env=ENV, capture_output=True,
+    )
+    return time.perf_counter() - t0
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"port {port} not listening")
+
+
+def bench_storescp(files_dir: Path, work: Path) -> float:
+    port = free_port()
+    out = work / "storescp-out"
+    out.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return storescu(files_dir, port, "STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def bench_node(files_dir: Path, work: Path) -> float:
+    node = NodeProcess(work / "node", pacs_aet="NOPACS", pacs_port=free_port(), serve_args=("--no-workers",))
+    node.start()
+    try:
+        return storescu(files_dir, node.dicom_port, node.ae_title)
+    finally:
+        node.stop()
+        shutil.rmtree(work / "node", ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=300)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files_dir = work / "ct"
+        write_ct_series(files_dir, n_slices=args.instances, rows=512, cols=512)
+        size_mb = sum(f.stat().st_size for f in files_dir.iterdir()) / 1e6
+        ref, node = [], []
+        for _ in range(args.repeat):
+            ref.append(bench_storescp(files_dir, work))
+            node.append(bench_node(files_dir, work))
+        n = args.instances
+        r_ref, r_node = n / statistics.median(ref), n / statistics.median(node)
+        print(f"ingest: {n} CT instances 512x512 ({size_mb:.0f} MB), storescu TCP_NODELAY=1, loopback, "
+              f"median of {args.repeat}")
+        print(f"| receiver | inst/s | MB/s | ratio vs storescp |")
+        print(f"|---|---|---|---|")
+        print(f"| DCMTK storescp (no fsync) | {r_ref:.0f} | {r_ref * size_mb / n:.0f} | 1.00 |")
+        print(f"| dicom-ai-node SCP (fsync + SQLite commit) | {r_node:.0f} | {r_node * size_mb / n:.0f} | "
+              f"{r_node / r_ref:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Run the real node (`dicom-ai-node serve`) as a subprocess with its own config, spool and database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NodeProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        pacs_aet: str,
+        pacs_port: int,
+        dicom_port: int | None = None,
+        http_port: int | None = None,
+        ae_title: str = "AINODE",
+        database_url: str | None = None,
+        quiet_period_s: float = 2,
+        extra: dict[str, Any] | None = None,
+        serve_args: tuple[str, ...] = (),
+    ) -> None:
+        self.serve_args = serve_args
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
+        self.log_path = self.workdir / "node.log"
+        self.config_path = self.workdir / "node.yaml"
+        config: dict[str, Any] = {
+            "ae_title": ae_title,
+            "dicom": {"bind": "127.0.0.1", "port": self.dicom_port,
+                      "allowed_peers": [{"ae_title": pacs_aet, "hosts": ["127.0.0.1"]}, {"ae_title": "STORESCU"}]},
+            "http": {"bind": "127.0.0.1", "port": self.http_port},
+            "spool_dir": str(self.workdir / "spool"),
+            "database_url": database_url or f"sqlite:///{self.workdir / 'node.db'}",
+            "disk_reserve_mb": 100,
+            "quiet_period_s": quiet_period_s,
+            "sweep_interval_s": 0.5,
+            "rules_file": str(ROOT / "config" / "rules.yaml"),
+            "destinations": [{"name": "pacs", "type": "dicom", "ae_title": pacs_aet, "host": "127.0.0.1",
+                              "port": pacs_port}],
+            "worker": {"lease_s": 60, "heartbeat_s": 5, "poll_interval_s": 0.2, "backoff_base_s": 1,
+                       "backoff_cap_s": 10},
+        }
+        config.update(extra or {})
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout_s: float = 60) -> NodeProcess:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_ai_node.cli", "serve", "-c", str(self.config_path), *self.serve_args],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.get_json("/healthz")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.2)
+        raise TimeoutError(f"node did not answer /healthz in {timeout_s} s:\n{self.log_tail()}")
+
+    def get_json(self, path: str) -> Any:
+        with urllib.request.urlopen(self.http_url + path, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
