@@ -35,5 +35,5 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
         ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
-        r = (rng or random).random()
+        r: float = (rng or random).random()
         return ceiling / 2 + r * ceiling / 2

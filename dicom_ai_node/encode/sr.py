@@ -11,7 +11,8 @@ the SEG segment's TrackingUID), the finding category/type codes, and TID 4019 Al
 Identification with the model name/version and the rule as Algorithm Parameters
 ("rule_id=<id>", "rule_version=<n>").
 The observer context is a device observer (TID 1004): this node (manufacturer, serial number) running
-the model (Device Observer Name = model name, Model Name = model version, as in IHE AI Results).
+the model (Device Observer Name = model name, Device Observer Model Name = model version), with a
+Device Observer UID derived from serial number + model name/version.
 """
 
 from __future__ import annotations

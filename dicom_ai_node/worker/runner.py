@@ -17,7 +17,7 @@ from typing import Any
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import PermanentError, TransientError
-from dicom_ai_node.persistence.queue import Job, JobQueue
+from dicom_ai_node.persistence.queue import Job, JobQueue, LeaseLostError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ class Worker:
             self._fail(job, exc, permanent=False)
         else:
             if not beat.lease_lost:
-                self.queue.succeed(job.id, self.worker_id, result)
+                try:
+                    self.queue.succeed(job.id, self.worker_id, result)
+                except LeaseLostError:
+                    # Recovered by another process meanwhile; its re-run writes the same deterministic UIDs.
+                    log.warning("job %d finished after its lease was lost; the re-run will redo it", job.id)
         finally:
             beat.stop_event.set()
             beat.join()
@@ -92,7 +96,11 @@ class Worker:
 
     def _fail(self, job: Job, exc: BaseException, *, permanent: bool) -> None:
         message = f"{type(exc).__name__}: {exc}"
-        status = self.queue.fail(job.id, self.worker_id, message, permanent=permanent)
+        try:
+            status = self.queue.fail(job.id, self.worker_id, message, permanent=permanent)
+        except LeaseLostError:
+            log.warning("job %d failed after its lease was lost: %s", job.id, message)
+            return
         level = logging.ERROR if status == JobStatus.DEAD else logging.WARNING
         log.log(level, "job %d (%s) attempt %d failed -> %s: %s", job.id, job.kind.value, job.attempts,
                 status.value, message)
