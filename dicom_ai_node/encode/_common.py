@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from collections.abc import Iterator
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -48,3 +51,14 @@ def rule_parameters(rule: RuleIdentity) -> dict[str, str]:
 def series_description(prefix: str, model: ModelIdentity) -> str:
     """SeriesDescription of a result series (LO: at most 64 characters)."""
     return f"{prefix} {model.name}"[:LONG_STRING_MAX]
+
+
+@contextlib.contextmanager
+def no_phi_warnings() -> Iterator[None]:
+    """Silence highdicom's warning about a single-component person name: it quotes the name (PHI)
+    into the warning text, which logging.captureWarnings would copy into our logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"The string .* is unlikely to represent", category=UserWarning
+        )
+        yield

@@ -32,6 +32,7 @@ from dicom_ai_node.domain.results import (
 from dicom_ai_node.encode._common import (
     LONG_STRING_MAX,
     hd_code,
+    no_phi_warnings,
     rule_parameters,
     series_description,
     with_type2_identity,
@@ -115,28 +116,29 @@ def encode_seg(
         for number, spec in numbered
     ]
     try:
-        seg = hd.seg.Segmentation(
-            source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
-            pixel_array=segment_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=uids.seg_series_instance_uid,
-            series_number=identity.seg_series_number,
-            sop_instance_uid=uids.seg_sop_instance_uid,
-            instance_number=1,
-            manufacturer=identity.manufacturer,
-            manufacturer_model_name=identity.manufacturer_model_name,
-            software_versions=identity.software_versions,
-            device_serial_number=identity.device_serial_number,
-            content_description=f"rule {rule.rule_id} v{rule.rule_version}"[:LONG_STRING_MAX],
-            # Type 3 in the Segmentation Image Module: omitted; an automatic result has no human
-            # creator, and this must never carry PHI.
-            content_creator_name=None,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            omit_empty_frames=omit_empty_frames,
-            series_description=series_description(identity.seg_series_description_prefix, model),
-            institution_name=identity.institution_name or None,
-        )
+        with no_phi_warnings():
+            seg = hd.seg.Segmentation(
+                source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
+                pixel_array=segment_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=uids.seg_series_instance_uid,
+                series_number=identity.seg_series_number,
+                sop_instance_uid=uids.seg_sop_instance_uid,
+                instance_number=1,
+                manufacturer=identity.manufacturer,
+                manufacturer_model_name=identity.manufacturer_model_name,
+                software_versions=identity.software_versions,
+                device_serial_number=identity.device_serial_number,
+                content_description=f"rule {rule.rule_id} v{rule.rule_version}"[:LONG_STRING_MAX],
+                # Type 3 in the Segmentation Image Module: omitted; an automatic result has no human
+                # creator, and this must never carry PHI.
+                content_creator_name=None,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                omit_empty_frames=omit_empty_frames,
+                series_description=series_description(identity.seg_series_description_prefix, model),
+                institution_name=identity.institution_name or None,
+            )
     except (ValueError, TypeError, AttributeError) as exc:
         series_uid = source_datasets[0].get("SeriesInstanceUID", "?")
         raise EncodeError(f"cannot encode SEG for series {series_uid}: {exc}") from exc

@@ -35,7 +35,13 @@ from dicom_ai_node.domain.results import (
     SegmentMeasurement,
     SegmentSpec,
 )
-from dicom_ai_node.encode._common import hd_code, rule_parameters, series_description, with_type2_identity
+from dicom_ai_node.encode._common import (
+    hd_code,
+    no_phi_warnings,
+    rule_parameters,
+    series_description,
+    with_type2_identity,
+)
 from dicom_ai_node.encode.uids import device_observer_uid, segment_tracking_uid
 from dicom_ai_node.errors import EncodeError
 
@@ -150,24 +156,25 @@ def encode_sr(
     evidence: list[Dataset] = [seg] if seg is not None else list(source_datasets)
     evidence[0] = with_type2_identity(evidence[0])
     try:
-        sr = hd.sr.ComprehensiveSR(
-            evidence=evidence,
-            content=report[0],
-            series_instance_uid=uids.sr_series_instance_uid,
-            series_number=identity.sr_series_number,
-            sop_instance_uid=uids.sr_sop_instance_uid,
-            instance_number=1,
-            manufacturer=identity.manufacturer,
-            manufacturer_model_name=identity.manufacturer_model_name,
-            software_versions=identity.software_versions,
-            device_serial_number=identity.device_serial_number,
-            series_description=series_description(identity.sr_series_description_prefix, model),
-            # Complete, but an unverified AI result: preliminary until a physician signs it off.
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=identity.institution_name or None,
-        )
+        with no_phi_warnings():
+            sr = hd.sr.ComprehensiveSR(
+                evidence=evidence,
+                content=report[0],
+                series_instance_uid=uids.sr_series_instance_uid,
+                series_number=identity.sr_series_number,
+                sop_instance_uid=uids.sr_sop_instance_uid,
+                instance_number=1,
+                manufacturer=identity.manufacturer,
+                manufacturer_model_name=identity.manufacturer_model_name,
+                software_versions=identity.software_versions,
+                device_serial_number=identity.device_serial_number,
+                series_description=series_description(identity.sr_series_description_prefix, model),
+                # Complete, but an unverified AI result: preliminary until a physician signs it off.
+                is_complete=True,
+                is_final=False,
+                is_verified=False,
+                institution_name=identity.institution_name or None,
+            )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"cannot encode SR for series {source_series_uid}: {exc}") from exc
     if identity.station_name:

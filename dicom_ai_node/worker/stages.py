@@ -70,7 +70,8 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
     uids = result_uids(series_uid, model.identity, rule, revision=int(p.get("generation", 1)))
     measurements = measure(label_map, model.segments, voxel_volume_mm3(volume))
     seg = encode_seg(volume.datasets, label_map, model.segments, model.identity, rule, identity, uids)
-    sr = encode_sr(volume.datasets, seg, measurements, model.identity, rule, identity, uids)
+    sr = encode_sr(volume.datasets, seg, measurements, model.identity, rule, identity, uids,
+                   segments=model.segments)
     timings["encode_s"] = time.perf_counter() - t
 
     files: list[str] = []

@@ -103,7 +103,7 @@ def write_mr_series(
 def ct_phantom_hu(n_slices: int, rows: int, cols: int) -> np.ndarray:
     """HU volume (frames, rows, cols): air, an elliptic body and two elliptic lungs."""
     z, y, x = _unit_grid(n_slices, rows, cols)
-    hu = np.full((n_slices, rows, cols), -1000.0)
+    hu = np.full((n_slices, rows, cols), -1000.0, dtype=np.float32)
     body = (x / 0.9) ** 2 + (y / 0.7) ** 2 <= 1.0
     hu[np.broadcast_to(body, hu.shape)] = 40.0
     lung_extent = (z / 0.85) ** 2

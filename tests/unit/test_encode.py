@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,9 @@ def run_dciodvfy(path: Path) -> list[str]:
         pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
     proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (proc.stdout + proc.stderr).splitlines()
+    # It names the IOD it checked against; an "Abort" means it could not read the file at all.
+    assert not any(line.startswith("Abort") for line in lines), lines
+    assert any(line in ("Segmentation", "ComprehensiveSR") for line in lines), lines
     for line in lines:
         if line.startswith("Warning"):
             print(f"dciodvfy {path.name}: {line}")
@@ -506,3 +510,26 @@ def test_sr_without_segment_list_takes_codes_from_the_seg(tmp_path: Path, mr: Se
     assert not_found.tracking_identifier == RIGHT.label
     assert not_found.finding_type is None
     assert _presence(not_found) == "Absent"
+
+
+def test_default_algorithm_family_is_the_dicom_ai_code() -> None:
+    # CID 7162: DCM 123110 is "Artificial Intelligence" (123109 is "Manual Processing").
+    ai = codes.DCM.ArtificialIntelligence
+    family = ModelIdentity(name="m", version="1").family
+    assert (family.value, family.scheme_designator, family.meaning) == (ai.value, "DCM", ai.meaning)
+
+
+def test_single_component_patient_name_is_not_quoted_in_warnings(ct: Series) -> None:
+    """highdicom warns about a one-component PN and quotes it; that text must not reach our logs."""
+    headers = list(ct.headers)
+    headers[0] = pydicom.dcmread(ct.headers[0].filename, stop_before_pixels=True)
+    headers[0].PatientName = "SECRETNAME"
+    series = Series(headers)
+    label_map = two_segment_map(ct.shape, 1, 2)
+    uids = result_uids(ct.headers[0].SeriesInstanceUID, MODEL, RULE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seg = encode_seg(series.headers, label_map, [LEFT, RIGHT], MODEL, RULE, IDENTITY, uids)
+        measurements = measure(label_map, [LEFT, RIGHT], voxel_volume_mm3(series.headers))
+        encode_sr(series.headers, seg, measurements, MODEL, RULE, IDENTITY, uids, segments=[LEFT, RIGHT])
+    assert not [w for w in caught if "SECRETNAME" in str(w.message)]

@@ -70,7 +70,7 @@ def test_any_changed_input_gives_all_new_uids(
     assert base.isdisjoint(changed)
 
 
-def test_model_description_and_family_do_not_change_uids() -> None:
+def test_model_description_does_not_change_uids() -> None:
     # Only what identifies the computation counts; cosmetic metadata must not fork result series.
     described = dataclasses.replace(MODEL, description="a new blurb")
     assert result_uids(SERIES, described, RULE) == result_uids(SERIES, MODEL, RULE)

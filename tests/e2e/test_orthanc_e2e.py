@@ -1,0 +1,205 @@
+"""End to end against a real Orthanc: storescu -> Orthanc -> (Lua auto-forward) -> node -> SEG + SR -> Orthanc.
+
+Real data: the ch2 T1 brain MR (Debian mricron-data) and the lung1 chest CT (pyradiomics), written as
+DICOM series with fresh UIDs. The node runs as its own process (`dicom-ai-node serve`) on SQLite.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from dicom_ai_node.infer.registry import default_registry
+from dicom_ai_node.infer.volume import load_series
+from tests.support.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
+from tests.support.node import NodeProcess, free_port
+from tests.support.orthanc import OrthancServer, storescu
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT_S = 300
+
+
+@dataclass
+class Outcome:
+    source: SeriesInfo
+    model: str
+    seg_path: Path
+    sr_path: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _result_files(orthanc: OrthancServer, study_uid: str, dest: Path) -> dict[str, Path] | None:
+    found: dict[str, Path] = {}
+    for modality in ("SEG", "SR"):
+        series = orthanc.series_by_modality(study_uid, modality)
+        if not series:
+            return None
+        instances = series[0]["Instances"]
+        if not instances:
+            return None
+        found[modality] = orthanc.download_instance(instances[0], dest / f"{modality}-{study_uid[-12:]}.dcm")
+    return found
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    work = tmp_path_factory.mktemp("e2e")
+    node_port = free_port()
+    orthanc = OrthancServer(work / "orthanc")
+    orthanc.start(node_aet="AINODE", node_port=node_port, stable_age=2)
+    node = NodeProcess(work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port, dicom_port=node_port)
+    try:
+        node.start()
+        mr = ch2_mr_series(work / "mr")
+        ct = lung_ct_series(work / "ct", "lung1")
+        t_sent = time.monotonic()
+        storescu([*mr.paths, *ct.paths], orthanc.aet, orthanc.dicom_port)
+        results: dict[str, dict[str, Path]] = {}
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline and len(results) < 2:
+            for info in (mr, ct):
+                if info.study_instance_uid not in results:
+                    files = _result_files(orthanc, info.study_instance_uid, work)
+                    if files:
+                        results[info.study_instance_uid] = files
+            time.sleep(1)
+        if len(results) < 2:
+            pytest.fail(f"results did not arrive in Orthanc within {TIMEOUT_S} s\nnode log:\n{node.log_tail()}")
+        turnaround = time.monotonic() - t_sent
+        jobs = node.get_json("/api/jobs?limit=50")
+        yield {
+            "mr": Outcome(mr, "mr-brain", **_paths(results[mr.study_instance_uid])),
+            "ct": Outcome(ct, "ct-lung-classical", **_paths(results[ct.study_instance_uid])),
+            "jobs": jobs,
+            "turnaround_s": turnaround,
+            "orthanc": orthanc,
+        }
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def _paths(files: dict[str, Path]) -> dict[str, Path]:
+    return {"seg_path": files["SEG"], "sr_path": files["SR"]}
+
+
+@pytest.fixture(scope="module")
+def model_masks(e2e):  # type: ignore[no-untyped-def]
+    """What the model produces for the source series, computed again here on the same files."""
+    registry = default_registry("cpu")
+    masks = {}
+    for key in ("mr", "ct"):
+        outcome: Outcome = e2e[key]
+        volume = load_series(list(outcome.source.paths))
+        masks[key] = (volume, registry.get(outcome.model).segment(volume))
+    return masks
+
+
+def _decoded_label_map(seg_path: Path, source: SeriesInfo, model_segments) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The SEG decoded on the source grid as a label map in the model's label values."""
+    seg = hd.seg.segread(seg_path)
+    numbers = seg.get_segment_numbers()
+    pixels = seg.get_pixels_by_source_instance(
+        list(source.sop_instance_uids), segment_numbers=numbers, assert_missing_frames_are_empty=True
+    )
+    label_by_name = {s.label: s.label_value for s in model_segments}
+    out = np.zeros(pixels.shape[:3], dtype=np.uint8)
+    for index, number in enumerate(numbers):
+        label = seg.get_segment_description(number).segment_label
+        out[pixels[..., index] > 0] = label_by_name[label]
+    return out
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+def test_all_jobs_succeeded(e2e, key: str) -> None:  # type: ignore[no-untyped-def]
+    jobs = [j for j in e2e["jobs"] if j["payload"].get("series_instance_uid") == e2e[key].source.series_instance_uid]
+    assert {j["kind"] for j in jobs} == {"infer", "deliver"}
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+def test_seg_and_sr_land_in_the_source_study_and_reference_the_source_series(e2e, key: str) -> None:  # type: ignore[no-untyped-def]
+    outcome: Outcome = e2e[key]
+    seg = dcmread(outcome.seg_path)
+    sr = dcmread(outcome.sr_path)
+    assert seg.Modality == "SEG" and sr.Modality == "SR"
+    assert seg.StudyInstanceUID == sr.StudyInstanceUID == outcome.source.study_instance_uid
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == outcome.source.series_instance_uid
+    assert seg.FrameOfReferenceUID == outcome.source.frame_of_reference_uid
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == outcome.model
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+def test_decoded_seg_equals_model_mask_voxel_for_voxel(e2e, model_masks, key: str) -> None:  # type: ignore[no-untyped-def]
+    outcome: Outcome = e2e[key]
+    volume, label_map = model_masks[key]
+    # The volume loader sorts along the slice normal; the data set writer wrote in that same order.
+    assert [str(ds.SOPInstanceUID) for ds in volume.datasets] == list(outcome.source.sop_instance_uids)
+    segments = default_registry("cpu").get(outcome.model).segments
+    decoded = _decoded_label_map(outcome.seg_path, outcome.source, segments)
+    assert label_map.any()
+    np.testing.assert_array_equal(decoded, label_map)
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+def test_sr_volumes_match_the_seg_within_one_percent(e2e, key: str) -> None:  # type: ignore[no-untyped-def]
+    outcome: Outcome = e2e[key]
+    seg = hd.seg.segread(outcome.seg_path)
+    source = outcome.source
+    voxel_mm3 = source.pixel_spacing[0] * source.pixel_spacing[1] * source.slice_spacing
+    pixels = seg.get_pixels_by_source_instance(list(source.sop_instance_uids),
+                                               segment_numbers=seg.get_segment_numbers())
+    report = hd.sr.srread(outcome.sr_path).content
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(seg.get_segment_numbers())
+    for group in groups:
+        number = int(group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
+        (measurement,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+        seg_cm3 = float(pixels[..., seg.get_segment_numbers().index(number)].sum()) * voxel_mm3 / 1000
+        assert measurement.value == pytest.approx(seg_cm3, rel=0.01)
+
+
+@pytest.mark.parametrize("key", ["mr", "ct"])
+@pytest.mark.parametrize("kind", ["seg", "sr"])
+def test_dciodvfy_reports_no_errors(e2e, key: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    assert shutil.which("dciodvfy"), "dciodvfy (Debian dicom3tools) is required"
+    path = getattr(e2e[key], f"{kind}_path")
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+
+
+def test_deepbet_brain_mask_dice_against_ch2bet(e2e) -> None:  # type: ignore[no-untyped-def]
+    outcome: Outcome = e2e["mr"]
+    segments = default_registry("cpu").get("mr-brain").segments
+    brain = _decoded_label_map(outcome.seg_path, outcome.source, segments) > 0
+    reference = outcome.source.reference_mask
+    dice = 2 * np.logical_and(brain, reference).sum() / (brain.sum() + reference.sum())
+    print(f"deepbet Dice vs ch2bet through the node: {dice:.4f}; turnaround {e2e['turnaround_s']:.1f} s")
+    assert dice >= 0.93
+
+
+def test_ct_lungs_are_both_found_on_the_right_sides(e2e, model_masks) -> None:  # type: ignore[no-untyped-def]
+    volume, label_map = model_masks["ct"]
+    report = hd.sr.srread(e2e["ct"].sr_path).content
+    names = sorted(g.finding_type.meaning for g in report.get_volumetric_roi_measurement_groups())
+    assert names == ["Left lung", "Right lung"]
+    # Patient left is +x in LPS: the left lung's centroid must lie at larger x than the right's.
+    xs = {}
+    for label in (1, 2):
+        k, j, i = np.nonzero(label_map == label)
+        centroid = volume.affine_lps @ np.array([i.mean(), j.mean(), k.mean(), 1.0])
+        xs[label] = centroid[0]
+    segs = {s.label_value: s.label for s in default_registry("cpu").get("ct-lung-classical").segments}
+    left = next(v for v, name in segs.items() if name == "Left lung")
+    right = next(v for v, name in segs.items() if name == "Right lung")
+    assert xs[left] > xs[right]
