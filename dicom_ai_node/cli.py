@@ -55,6 +55,8 @@ def _setup_logging(level: str) -> None:
     # pynetdicom logs every PDU at INFO; keep its warnings only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # highdicom logs every copied module at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def _parse_peer(value: str) -> tuple[str, str, int]:
