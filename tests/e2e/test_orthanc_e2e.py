@@ -93,9 +93,13 @@ def _paths(files: dict[str, Path]) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def model_masks(e2e):  # type: ignore[no-untyped-def]
+def registry():  # type: ignore[no-untyped-def]
+    return default_registry("cpu")
+
+
+@pytest.fixture(scope="module")
+def model_masks(e2e, registry):  # type: ignore[no-untyped-def]
     """What the model produces for the source series, computed again here on the same files."""
-    registry = default_registry("cpu")
     masks = {}
     for key in ("mr", "ct"):
         outcome: Outcome = e2e[key]
@@ -139,12 +143,12 @@ def test_seg_and_sr_land_in_the_source_study_and_reference_the_source_series(e2e
 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])
-def test_decoded_seg_equals_model_mask_voxel_for_voxel(e2e, model_masks, key: str) -> None:  # type: ignore[no-untyped-def]
+def test_decoded_seg_equals_model_mask_voxel_for_voxel(e2e, model_masks, registry, key: str) -> None:  # type: ignore[no-untyped-def]
     outcome: Outcome = e2e[key]
     volume, label_map = model_masks[key]
     # The volume loader sorts along the slice normal; the data set writer wrote in that same order.
     assert [str(ds.SOPInstanceUID) for ds in volume.datasets] == list(outcome.source.sop_instance_uids)
-    segments = default_registry("cpu").get(outcome.model).segments
+    segments = registry.get(outcome.model).segments
     decoded = _decoded_label_map(outcome.seg_path, outcome.source, segments)
     assert label_map.any()
     np.testing.assert_array_equal(decoded, label_map)
@@ -178,9 +182,9 @@ def test_dciodvfy_reports_no_errors(e2e, key: str, kind: str) -> None:  # type: 
     assert errors == []
 
 
-def test_deepbet_brain_mask_dice_against_ch2bet(e2e) -> None:  # type: ignore[no-untyped-def]
+def test_deepbet_brain_mask_dice_against_ch2bet(e2e, registry) -> None:  # type: ignore[no-untyped-def]
     outcome: Outcome = e2e["mr"]
-    segments = default_registry("cpu").get("mr-brain").segments
+    segments = registry.get("mr-brain").segments
     brain = _decoded_label_map(outcome.seg_path, outcome.source, segments) > 0
     reference = outcome.source.reference_mask
     dice = 2 * np.logical_and(brain, reference).sum() / (brain.sum() + reference.sum())
@@ -188,7 +192,7 @@ def test_deepbet_brain_mask_dice_against_ch2bet(e2e) -> None:  # type: ignore[no
     assert dice >= 0.93
 
 
-def test_ct_lungs_are_both_found_on_the_right_sides(e2e, model_masks) -> None:  # type: ignore[no-untyped-def]
+def test_ct_lungs_are_both_found_on_the_right_sides(e2e, model_masks, registry) -> None:  # type: ignore[no-untyped-def]
     volume, label_map = model_masks["ct"]
     report = hd.sr.srread(e2e["ct"].sr_path).content
     names = sorted(g.finding_type.meaning for g in report.get_volumetric_roi_measurement_groups())
@@ -199,7 +203,7 @@ def test_ct_lungs_are_both_found_on_the_right_sides(e2e, model_masks) -> None:  
         k, j, i = np.nonzero(label_map == label)
         centroid = volume.affine_lps @ np.array([i.mean(), j.mean(), k.mean(), 1.0])
         xs[label] = centroid[0]
-    segs = {s.label_value: s.label for s in default_registry("cpu").get("ct-lung-classical").segments}
+    segs = {s.label_value: s.label for s in registry.get("ct-lung-classical").segments}
     left = next(v for v, name in segs.items() if name == "Left lung")
     right = next(v for v, name in segs.items() if name == "Right lung")
     assert xs[left] > xs[right]

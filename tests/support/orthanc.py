@@ -1,0 +1,134 @@
+"""A real Orthanc (Debian package) for tests: own temp dir, free loopback ports, DICOMweb, Lua auto-forward.
+
+Started through orthanc-dev/start-orthanc.sh, so tests run exactly the configuration developers use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.support.node import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+START_SCRIPT = ROOT / "orthanc-dev" / "start-orthanc.sh"
+T = TypeVar("T")
+
+
+class OrthancServer:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+        self.dir = Path(workdir)
+        self.aet = aet
+        self.http_port = 0
+        self.dicom_port = 0
+        self.pid: int | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.http_url}/dicom-web"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "orthanc.log"
+
+    def start(self, node_aet: str, node_port: int, stable_age: int = 2) -> OrthancServer:
+        self.http_port, self.dicom_port = free_port(), free_port()
+        proc = subprocess.run(
+            ["bash", str(START_SCRIPT), "--background", "--dir", str(self.dir), "--aet", self.aet,
+             "--http-port", str(self.http_port), "--dicom-port", str(self.dicom_port),
+             "--node-aet", node_aet, "--node-port", str(node_port), "--stable-age", str(stable_age)],
+            capture_output=True, text=True, timeout=60,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"Orthanc did not start:\n{proc.stdout}\n{proc.stderr}")
+        self.pid = int((self.dir / "orthanc.pid").read_text())
+        return self
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            self.pid = None
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+        self.pid = None
+
+    def __enter__(self) -> OrthancServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- REST helpers ------------------------------------------------------------------------------
+
+    def request(self, path: str, body: bytes | None = None, method: str | None = None) -> bytes:
+        req = urllib.request.Request(self.http_url + path, data=body, method=method or ("POST" if body else "GET"))
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return bytes(resp.read())
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(self.request(path))
+
+    def find_study(self, study_instance_uid: str) -> str | None:
+        """Orthanc's id of a study, by Study Instance UID (via /tools/lookup)."""
+        hits = json.loads(self.request("/tools/lookup", study_instance_uid.encode()))
+        return next((h["ID"] for h in hits if h["Type"] == "Study"), None)
+
+    def series_by_modality(self, study_instance_uid: str, modality: str) -> list[dict[str, Any]]:
+        study = self.find_study(study_instance_uid)
+        if study is None:
+            return []
+        series = self.get_json(f"/studies/{study}/series")
+        return [s for s in series if s["MainDicomTags"].get("Modality") == modality]
+
+    def download_instance(self, instance_id: str, dest: Path) -> Path:
+        dest.write_bytes(self.request(f"/instances/{instance_id}/file"))
+        return dest
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.5, what: str = "") -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+def storescu(files: list[Path], aet_called: str, port: int, calling_aet: str = "STORESCU") -> None:
+    """DCMTK storescu with TCP_NODELAY=1 (Debian's DCMTK leaves Nagle on: ~45 ms per instance otherwise)."""
+    proc = subprocess.run(
+        ["storescu", "-aet", calling_aet, "-aec", aet_called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"), timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
