@@ -1,0 +1,94 @@
+"""Turnaround: last instance stored in Orthanc -> SEG + SR stored in Orthanc, with per-stage times.
+
+Real data through the real path: storescu -> Orthanc (StableAge, Lua auto-forward) -> node C-STORE SCP ->
+quiet period -> infer job -> SEG + SR -> deliver job (C-STORE) -> Orthanc. Stage boundaries come from the
+node's own timestamps (series first/last received, job created/started/finished) and the poll that sees
+the results in Orthanc (0.1 s resolution).
+
+    .venv/bin/python benchmarks/turnaround.py [--stable-age 2] [--quiet 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.datasets import ch2_mr_series, lung_ct_series  # noqa: E402
+from tests.support.node import NodeProcess, free_port  # noqa: E402
+from tests.support.orthanc import OrthancServer, storescu  # noqa: E402
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+def run_case(name: str, series, orthanc: OrthancServer, node: NodeProcess) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    storescu(list(series.paths), orthanc.aet, orthanc.dicom_port)
+    t_last = time.time()  # storescu returned: the last instance is stored in Orthanc
+    while True:
+        if orthanc.series_by_modality(series.study_instance_uid, "SEG") and \
+                orthanc.series_by_modality(series.study_instance_uid, "SR"):
+            t_seen = time.time()
+            break
+        if time.time() - t_last > 600:
+            raise TimeoutError(f"{name}: no results\n{node.log_tail()}")
+        time.sleep(0.1)
+    s = node.get_json(f"/api/series/{series.series_instance_uid}")
+    jobs = [j for j in node.get_json("/api/jobs?limit=100")
+            if j["payload"].get("series_instance_uid") == series.series_instance_uid]
+    infer = next(j for j in jobs if j["kind"] == "infer")
+    deliver = next(j for j in jobs if j["kind"] == "deliver")
+    t = infer["result"]["timings"]
+    return {
+        "Orthanc stable age + forward start": ts(s["first_received_at"]) - t_last,
+        "forward (Orthanc -> node C-STORE)": ts(s["last_received_at"]) - ts(s["first_received_at"]),
+        "quiet period + sweep": ts(infer["created_at"]) - ts(s["last_received_at"]),
+        "queue wait": ts(infer["started_at"]) - ts(infer["created_at"]),
+        "load series": t["load_s"],
+        "inference": t["infer_s"],
+        "encode SEG + SR": t["encode_s"],
+        "deliver (queue + C-STORE)": ts(deliver["finished_at"]) - ts(infer["finished_at"]),
+        "seen in Orthanc (poll)": t_seen - ts(deliver["finished_at"]),
+        "total": t_seen - t_last,
+        "instances": float(len(series.paths)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stable-age", type=int, default=2)
+    ap.add_argument("--quiet", type=float, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        node_port = free_port()
+        orthanc = OrthancServer(work / "orthanc").start("AINODE", node_port, stable_age=args.stable_age)
+        node = NodeProcess(work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port,
+                           dicom_port=node_port, quiet_period_s=args.quiet)
+        try:
+            node.start()
+            cases = {
+                "chest CT lung1 (48 x 512 x 512) -> ct-lung-classical": lung_ct_series(work / "ct", "lung1"),
+                "brain MR ch2 (181 x 217 x 181) -> mr-brain (deepbet)": ch2_mr_series(work / "mr"),
+            }
+            results = {name: run_case(name, series, orthanc, node) for name, series in cases.items()}
+        finally:
+            node.stop()
+            orthanc.stop()
+    names = list(results)
+    print(f"turnaround, Orthanc StableAge {args.stable_age} s, node quiet period {args.quiet} s, 2-core CPU, seconds")
+    print("| stage | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for stage in results[names[0]]:
+        cells = [f"{results[n][stage]:.0f}" if stage == "instances" else f"{results[n][stage]:.2f}" for n in names]
+        print(f"| {stage} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
