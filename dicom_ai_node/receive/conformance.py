@@ -47,21 +47,24 @@ IMAGE_STORAGE_SOP_CLASSES: tuple[UID, ...] = (
     sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
 )
 
-# Transfer syntaxes accepted for every SOP class above.
+# Transfer syntaxes accepted for every SOP class above, in order of preference. pynetdicom accepts the
+# first entry of this list that the sender proposed, so compressed syntaxes come first: a sender that
+# proposes [JPEG Lossless, Explicit VR LE] for a compressed instance then sends it as it is, and the
+# node stores it as received instead of making the sender decompress it.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
     JPEGLosslessSV1,
     JPEGLossless,
     JPEGLSLossless,
-    JPEGLSNearLossless,
     JPEG2000Lossless,
-    JPEG2000,
     RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
 )
 
 VERIFICATION_SOP_CLASS: UID = sc.Verification

@@ -143,3 +143,50 @@ def test_allow_list(calling: str, expected: bool) -> None:
     assert allow.is_allowed(calling, "127.0.0.1") is expected
     assert allow.is_allowed("TESTSCU", "10.1.2.3") is False
     assert PeerAllowList([], allow_any=True).is_allowed("ANY", "10.1.2.3")
+
+
+TRANSFER_SYNTAX_FILES = [
+    "CT_small.dcm",  # Explicit VR Little Endian
+    "MR_small_implicit.dcm",  # Implicit VR Little Endian
+    "ExplVR_BigEnd.dcm",  # Explicit VR Big Endian
+    "image_dfl.dcm",  # Deflated Explicit VR Little Endian
+    "SC_jpeg_no_color_transform.dcm",  # JPEG Baseline
+    "JPEG-lossy.dcm",  # JPEG Extended
+    "SC_rgb_jpeg_gdcm.dcm",  # JPEG Lossless SV1
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS Lossless
+    "GDCMJ2K_TextGBR.dcm",  # JPEG 2000 Lossless
+    "693_J2KI.dcm",  # JPEG 2000
+    "MR_small_RLE.dcm",  # RLE Lossless
+]
+
+
+def test_every_transfer_syntax_is_stored_byte_for_byte_as_received(running_scp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Like Orthanc and most modalities, the sender proposes [the file's own syntax, Explicit VR LE] in one
+    context; the node must choose the file's own syntax, so nothing is decompressed on the way.
+    (pydicom's bundled test files; names that would trigger a download are not used.)"""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian as EVRLE
+
+    test_files = Path(pydicom.__file__).parent / "data" / "test_files"
+    repo, spool = running_scp.services.repo, running_scp.services.spool
+    for name in TRANSFER_SYNTAX_FILES:
+        source = test_files / name
+        ds = dcmread(source)
+        # Several of these files share a SOP Instance UID (they are one image in several encodings);
+        # give each a fresh one so the node does not keep them as duplicates.
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        own = str(ds.file_meta.TransferSyntaxUID)
+        compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+        ae = AE(ae_title="TESTSCU")
+        ae.add_requested_context(ds.SOPClassUID, [own, EVRLE] if compressed else [own])
+        assoc = ae.associate("127.0.0.1", running_scp.port, ae_title="AINODE")
+        assert assoc.is_established
+        assert assoc.accepted_contexts[0].transfer_syntax[0] == own, name
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0x0000, name
+        stored = {i.sop_instance_uid: i for i in repo.instances_of_series(str(ds.SeriesInstanceUID))}
+        inst = stored[str(ds.SOPInstanceUID)]
+        assert inst.transfer_syntax_uid == own, name
+        # Never transcoded: the (possibly compressed) pixel data is exactly what the file holds.
+        assert dcmread(spool.path(inst.spool_path)).PixelData == ds.PixelData, name
