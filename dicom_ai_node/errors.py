@@ -23,20 +23,20 @@ class RuleError(NodeError):
     """Invalid routing rule definition."""
 
 
-class InvalidDicomError(NodeError):
-    """A received or spooled object is not readable DICOM."""
-
-
-class StorageError(NodeError):
-    """The spool could not durably store a file (disk full, I/O error)."""
-
-
 class TransientError(NodeError):
     """A failure a later retry may cure (peer down, timeout, busy)."""
 
 
 class PermanentError(NodeError):
     """A failure retrying will not cure (association rejected, 0xA9xx/0xCxxx status, HTTP 4xx)."""
+
+
+class InvalidDicomError(PermanentError):
+    """A received or spooled object is not readable DICOM, or a series is not one regular grid."""
+
+
+class StorageError(NodeError):
+    """The spool could not durably store a file (disk full, I/O error)."""
 
 
 class InferenceError(PermanentError):
