@@ -75,11 +75,15 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         if len(results) < 2:
             pytest.fail(f"results did not arrive in Orthanc within {TIMEOUT_S} s\nnode log:\n{node.log_tail()}")
         turnaround = time.monotonic() - t_sent
+        # Give Orthanc's StableAge time to pass for the results, so a forwarding loop would show.
+        time.sleep(4)
         jobs = node.get_json("/api/jobs?limit=50")
+        node_series = node.get_json("/api/series")
         yield {
             "mr": Outcome(mr, "mr-brain", **_paths(results[mr.study_instance_uid])),
             "ct": Outcome(ct, "ct-lung-classical", **_paths(results[ct.study_instance_uid])),
             "jobs": jobs,
+            "node_series": node_series,
             "turnaround_s": turnaround,
             "orthanc": orthanc,
         }
@@ -121,6 +125,11 @@ def _decoded_label_map(seg_path: Path, source: SeriesInfo, model_segments) -> np
         label = seg.get_segment_description(number).segment_label
         out[pixels[..., index] > 0] = label_by_name[label]
     return out
+
+
+def test_loop_guard_results_are_not_forwarded_back_to_the_node(e2e) -> None:  # type: ignore[no-untyped-def]
+    modalities = sorted(s["modality"] for s in e2e["node_series"])
+    assert modalities == ["CT", "MR"]
 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])
