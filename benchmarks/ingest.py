@@ -30,8 +30,21 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 def storescu(files_dir: Path, port: int, called: str) -> float:
     t0 = time.perf_counter()
     subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", called, "+sd", "-nh", "127.0.0.1", str(port), str(files_dir)],
-        check=True, env=ENV, capture_output=True,
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            called,
+            "+sd",
+            "-nh",
+            "127.0.0.1",
+            str(port),
+            str(files_dir),
+        ],
+        check=True,
+        env=ENV,
+        capture_output=True,
     )
     return time.perf_counter() - t0
 
@@ -52,8 +65,12 @@ def bench_storescp(files_dir: Path, work: Path) -> float:
     port = free_port()
     out = work / "storescp-out"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         return storescu(files_dir, port, "STORESCP")
@@ -89,13 +106,17 @@ def main() -> None:
             node.append(bench_node(files_dir, work))
         n = args.instances
         r_ref, r_node = n / statistics.median(ref), n / statistics.median(node)
-        print(f"ingest: {n} CT instances 512x512 ({size_mb:.0f} MB), storescu TCP_NODELAY=1, loopback, "
-              f"median of {args.repeat}")
-        print(f"| receiver | inst/s | MB/s | ratio vs storescp |")
-        print(f"|---|---|---|---|")
+        print(
+            f"ingest: {n} CT instances 512x512 ({size_mb:.0f} MB), storescu TCP_NODELAY=1, loopback, "
+            f"median of {args.repeat}"
+        )
+        print("| receiver | inst/s | MB/s | ratio vs storescp |")
+        print("|---|---|---|---|")
         print(f"| DCMTK storescp (no fsync) | {r_ref:.0f} | {r_ref * size_mb / n:.0f} | 1.00 |")
-        print(f"| dicom-ai-node SCP (fsync + SQLite commit) | {r_node:.0f} | {r_node * size_mb / n:.0f} | "
-              f"{r_node / r_ref:.2f} |")
+        print(
+            f"| dicom-ai-node SCP (fsync + SQLite commit) | {r_node:.0f} | {r_node * size_mb / n:.0f} | "
+            f"{r_node / r_ref:.2f} |"
+        )
 
 
 if __name__ == "__main__":

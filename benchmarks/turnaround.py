@@ -32,16 +32,20 @@ def run_case(name: str, series, orthanc: OrthancServer, node: NodeProcess) -> di
     storescu(list(series.paths), orthanc.aet, orthanc.dicom_port)
     t_last = time.time()  # storescu returned: the last instance is stored in Orthanc
     while True:
-        if orthanc.series_by_modality(series.study_instance_uid, "SEG") and \
-                orthanc.series_by_modality(series.study_instance_uid, "SR"):
+        if orthanc.series_by_modality(series.study_instance_uid, "SEG") and orthanc.series_by_modality(
+            series.study_instance_uid, "SR"
+        ):
             t_seen = time.time()
             break
         if time.time() - t_last > 600:
             raise TimeoutError(f"{name}: no results\n{node.log_tail()}")
         time.sleep(0.1)
     s = node.get_json(f"/api/series/{series.series_instance_uid}")
-    jobs = [j for j in node.get_json("/api/jobs?limit=100")
-            if j["payload"].get("series_instance_uid") == series.series_instance_uid]
+    jobs = [
+        j
+        for j in node.get_json("/api/jobs?limit=100")
+        if j["payload"].get("series_instance_uid") == series.series_instance_uid
+    ]
     infer = next(j for j in jobs if j["kind"] == "infer")
     deliver = next(j for j in jobs if j["kind"] == "deliver")
     t = infer["result"]["timings"]
@@ -69,8 +73,13 @@ def main() -> None:
         work = Path(tmp)
         node_port = free_port()
         orthanc = OrthancServer(work / "orthanc").start("AINODE", node_port, stable_age=args.stable_age)
-        node = NodeProcess(work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port,
-                           dicom_port=node_port, quiet_period_s=args.quiet)
+        node = NodeProcess(
+            work / "node",
+            pacs_aet=orthanc.aet,
+            pacs_port=orthanc.dicom_port,
+            dicom_port=node_port,
+            quiet_period_s=args.quiet,
+        )
         try:
             node.start()
             cases = {
@@ -82,11 +91,15 @@ def main() -> None:
             node.stop()
             orthanc.stop()
     names = list(results)
-    print(f"turnaround, Orthanc StableAge {args.stable_age} s, node quiet period {args.quiet} s, 2-core CPU, seconds")
+    print(
+        f"turnaround, Orthanc StableAge {args.stable_age} s, node quiet period {args.quiet} s, 2-core CPU, seconds"
+    )
     print("| stage | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for stage in results[names[0]]:
-        cells = [f"{results[n][stage]:.0f}" if stage == "instances" else f"{results[n][stage]:.2f}" for n in names]
+        cells = [
+            f"{results[n][stage]:.0f}" if stage == "instances" else f"{results[n][stage]:.2f}" for n in names
+        ]
         print(f"| {stage} | " + " | ".join(cells) + " |")
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="node.yaml (default: $AINODE_CONFIG or config/node.yaml if present)"),
 ]
 
@@ -110,8 +110,15 @@ def serve(
         info = {"version": __version__, "ae_title": settings.ae_title, "dicom_port": scp.port}
         api = create_app(services.repo, services.queue, services.rules, info)
         server = start_http(api, settings.http.bind, settings.http.port)
-    log.info("dicom-ai-node %s: AE %s on %s:%d, admin http://%s:%d/", __version__, settings.ae_title,
-             settings.dicom.bind, scp.port, settings.http.bind, settings.http.port)
+    log.info(
+        "dicom-ai-node %s: AE %s on %s:%d, admin http://%s:%d/",
+        __version__,
+        settings.ae_title,
+        settings.dicom.bind,
+        scp.port,
+        settings.http.bind,
+        settings.http.port,
+    )
     stop.wait()
     scp.stop()
     scheduler.shutdown(wait=False)
@@ -125,7 +132,7 @@ def serve(
 @app.command()
 def worker(
     config: ConfigOption = None,
-    kind: Annotated[Optional[list[JobKind]], typer.Option(help="Job kinds to run (default: all)")] = None,
+    kind: Annotated[list[JobKind] | None, typer.Option(help="Job kinds to run (default: all)")] = None,
 ) -> None:
     """A separate worker process (scale-out: one per GPU) against the shared database and spool."""
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -136,9 +143,14 @@ def worker(
     _setup_logging(settings.log_level)
     services = build_services(settings)
     stop = _wait_for_signal()
-    scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30})
-    scheduler.add_job(lambda: services.queue.recover_stalled(settings.worker.lease_s), "interval",
-                      seconds=max(1.0, settings.worker.heartbeat_s))
+    scheduler = BackgroundScheduler(
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+    )
+    scheduler.add_job(
+        lambda: services.queue.recover_stalled(settings.worker.lease_s),
+        "interval",
+        seconds=max(1.0, settings.worker.heartbeat_s),
+    )
     scheduler.start()
     threads = start_worker_threads(build_workers(services, kind or list(JobKind)), stop)
     stop.wait()
@@ -173,7 +185,9 @@ def send(
         raise typer.Exit(2)
     with typer.progressbar(length=len(files), label=f"C-STORE to {ae_title}") as bar:
         try:
-            report = send_files(files, DicomPeer(ae_title, host, port, calling_aet), lambda _p, _n: bar.update(1))
+            report = send_files(
+                files, DicomPeer(ae_title, host, port, calling_aet), lambda _p, _n: bar.update(1)
+            )
         except (DeliveryError, InvalidDicomError) as exc:
             typer.echo(f"\nerror: {exc}", err=True)
             raise typer.Exit(1) from exc
@@ -225,8 +239,8 @@ def rules_validate(
 @jobs_app.command("list")
 def jobs_list(
     config: ConfigOption = None,
-    status: Annotated[Optional[JobStatus], typer.Option()] = None,
-    kind: Annotated[Optional[JobKind], typer.Option()] = None,
+    status: Annotated[JobStatus | None, typer.Option()] = None,
+    kind: Annotated[JobKind | None, typer.Option()] = None,
     limit: int = 50,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -241,15 +255,19 @@ def jobs_list(
     typer.echo(f"{'ID':>6} {'KIND':8} {'STATUS':10} {'ATT':>5} {'UPDATED':20} DETAIL")
     for j in jobs:
         detail = j.last_error or j.payload.get("model") or j.payload.get("destination") or ""
-        typer.echo(f"{j.id:>6} {j.kind.value:8} {j.status.value:10} {j.attempts:>2}/{j.max_attempts:<2} "
-                   f"{j.updated_at:%Y-%m-%d %H:%M:%S}  {str(detail)[:80]}")
+        typer.echo(
+            f"{j.id:>6} {j.kind.value:8} {j.status.value:10} {j.attempts:>2}/{j.max_attempts:<2} "
+            f"{j.updated_at:%Y-%m-%d %H:%M:%S}  {str(detail)[:80]}"
+        )
 
 
 def _job_json(j: object) -> dict[str, object]:
     from dataclasses import asdict
 
     data = asdict(j)  # type: ignore[call-overload]
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else getattr(v, "value", v)) for k, v in data.items()}
+    return {
+        k: (v.isoformat() if hasattr(v, "isoformat") else getattr(v, "value", v)) for k, v in data.items()
+    }
 
 
 @jobs_app.command("retry")

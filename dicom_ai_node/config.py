@@ -92,7 +92,7 @@ class WorkerSettings(_Strict):
     max_attempts: int = Field(8, ge=1)
     backoff_base_s: float = Field(5, gt=0)
     backoff_cap_s: float = Field(600, gt=0)
-    kinds: list[Literal["infer", "deliver"]] = Field(default_factory=lambda: ["infer", "deliver"])
+    kinds: list[Literal["infer", "deliver"]] = Field(default_factory=lambda: ["infer", "deliver"])  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _lease_longer_than_heartbeat(self) -> WorkerSettings:

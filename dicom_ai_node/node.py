@@ -97,10 +97,18 @@ def build_scheduler(services: Services) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
-    scheduler.add_job(_guarded(sweep.run_once, "completion sweep"), "interval",
-                      seconds=s.sweep_interval_s, id="completion-sweep")
-    scheduler.add_job(_guarded(lambda: services.queue.recover_stalled(s.worker.lease_s), "stalled-job recovery"),
-                      "interval", seconds=max(1.0, s.worker.heartbeat_s), id="stalled-jobs")
+    scheduler.add_job(
+        _guarded(sweep.run_once, "completion sweep"),
+        "interval",
+        seconds=s.sweep_interval_s,
+        id="completion-sweep",
+    )
+    scheduler.add_job(
+        _guarded(lambda: services.queue.recover_stalled(s.worker.lease_s), "stalled-job recovery"),
+        "interval",
+        seconds=max(1.0, s.worker.heartbeat_s),
+        id="stalled-jobs",
+    )
     return scheduler
 
 
@@ -117,13 +125,23 @@ def _guarded(fn: Any, name: str) -> Any:
 
 def build_workers(services: Services, kinds: list[JobKind]) -> list[Worker]:
     """One worker thread per job kind, so a slow inference never delays deliveries."""
-    ctx = StageContext(services.settings, services.repo, services.queue, services.spool,
-                       services.registry, __version__)
-    handlers = {JobKind.INFER: lambda job: run_infer(job, ctx), JobKind.DELIVER: lambda job: run_deliver(job, ctx)}
+    ctx = StageContext(
+        services.settings, services.repo, services.queue, services.spool, services.registry, __version__
+    )
+    handlers = {
+        JobKind.INFER: lambda job: run_infer(job, ctx),
+        JobKind.DELIVER: lambda job: run_deliver(job, ctx),
+    }
     w = services.settings.worker
     return [
-        Worker(services.queue, handlers, [kind], lease_s=w.lease_s, heartbeat_s=w.heartbeat_s,
-               poll_interval_s=w.poll_interval_s)
+        Worker(
+            services.queue,
+            handlers,
+            [kind],
+            lease_s=w.lease_s,
+            heartbeat_s=w.heartbeat_s,
+            poll_interval_s=w.poll_interval_s,
+        )
         for kind in kinds
     ]
 

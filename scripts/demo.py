@@ -57,16 +57,28 @@ def main() -> int:
     print(f"[demo] working directory {work}")
     print("[demo] starting Orthanc (Debian package, native, loopback only)")
     subprocess.run(
-        ["bash", str(ROOT / "orthanc-dev" / "start-orthanc.sh"), "--background", "--dir", str(work / "orthanc"),
-         "--http-port", str(o_http), "--dicom-port", str(o_dicom), "--node-port", str(node_port)],
+        [
+            "bash",
+            str(ROOT / "orthanc-dev" / "start-orthanc.sh"),
+            "--background",
+            "--dir",
+            str(work / "orthanc"),
+            "--http-port",
+            str(o_http),
+            "--dicom-port",
+            str(o_dicom),
+            "--node-port",
+            str(node_port),
+        ],
         check=True,
     )
     orthanc_pid = int((work / "orthanc" / "orthanc.pid").read_text())
     orthanc = f"http://127.0.0.1:{o_http}"
 
     print("[demo] starting the node: dicom-ai-node serve (SQLite, local spool)")
-    node = NodeProcess(work / "node", pacs_aet="ORTHANC", pacs_port=o_dicom, dicom_port=node_port,
-                       http_port=http_port)
+    node = NodeProcess(
+        work / "node", pacs_aet="ORTHANC", pacs_port=o_dicom, dicom_port=node_port, http_port=http_port
+    )
     try:
         node.start()
         print(f"[demo] node AINODE@127.0.0.1:{node_port}, admin {node.http_url}/ (log {node.log_path})")
@@ -75,10 +87,24 @@ def main() -> int:
         ct = lung_ct_series(work / "input" / "ct", "lung1")
         print(f"[demo] storescu {len(mr.paths) + len(ct.paths)} instances -> ORTHANC@127.0.0.1:{o_dicom}")
         t0 = time.monotonic()
-        subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(o_dicom),
-                        *map(str, [*mr.paths, *ct.paths])],
-                       check=True, env=dict(os.environ, TCP_NODELAY="1"), capture_output=True)
-        print(f"[demo] sent in {time.monotonic() - t0:.1f} s; Orthanc forwards each stable series to the node")
+        subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "MODALITY",
+                "-aec",
+                "ORTHANC",
+                "127.0.0.1",
+                str(o_dicom),
+                *map(str, [*mr.paths, *ct.paths]),
+            ],
+            check=True,
+            env=dict(os.environ, TCP_NODELAY="1"),
+            capture_output=True,
+        )
+        print(
+            f"[demo] sent in {time.monotonic() - t0:.1f} s; Orthanc forwards each stable series to the node"
+        )
         pending = {"brain MR": mr.study_instance_uid, "chest CT": ct.study_instance_uid}
         done: dict[str, dict[str, str]] = {}
         while pending and time.monotonic() - t0 < 600:
@@ -97,8 +123,10 @@ def main() -> int:
             if job["kind"] == "infer" and job["result"]:
                 r = job["result"]
                 timings = ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())
-                print(f"  {r['model']} {r['model_version']} (rule {r['rule_id']} v{r['rule_version']}): "
-                      f"{r['volumes_cm3']} cm3; {timings}")
+                print(
+                    f"  {r['model']} {r['model_version']} (rule {r['rule_id']} v{r['rule_version']}): "
+                    f"{r['volumes_cm3']} cm3; {timings}"
+                )
         print("\n[demo] where to look")
         for name, found in done.items():
             print(f"  {name}: {orthanc}/app/explorer.html#study?uuid={found['study']}")

@@ -21,8 +21,14 @@ def free_port() -> int:
 def node_settings(tmp_path: Path) -> NodeSettings:
     return NodeSettings(
         ae_title="AINODE",
-        dicom={"bind": "127.0.0.1", "port": free_port(),
-               "allowed_peers": [AllowedPeer(ae_title="STORESCU"), AllowedPeer(ae_title="TESTSCU", hosts=["127.0.0.1"])]},
+        dicom={
+            "bind": "127.0.0.1",
+            "port": free_port(),
+            "allowed_peers": [
+                AllowedPeer(ae_title="STORESCU"),
+                AllowedPeer(ae_title="TESTSCU", hosts=["127.0.0.1"]),
+            ],
+        },
         spool_dir=tmp_path / "spool",
         database_url=f"sqlite:///{tmp_path / 'node.db'}",
         disk_reserve_mb=0,

@@ -122,11 +122,16 @@ def create_app(
         out = []
         for rule in rules().rules:
             result = match_rule(rule, attrs)
-            out.append({
-                "rule_id": rule.id, "rule_version": rule.version, "matched": result.matched,
-                "model": rule.action.model, "destinations": rule.action.destinations,
-                "conditions": [_plain(asdict(c)) for c in result.conditions],
-            })
+            out.append(
+                {
+                    "rule_id": rule.id,
+                    "rule_version": rule.version,
+                    "matched": result.matched,
+                    "model": rule.action.model,
+                    "destinations": rule.action.destinations,
+                    "conditions": [_plain(asdict(c)) for c in result.conditions],
+                }
+            )
         return out
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -15,11 +15,11 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_ai_node.dimse_socket import set_tcp_nodelay
 from dicom_ai_node.errors import InvalidDicomError, PermanentDeliveryError, TransientDeliveryError
+from dicom_ai_node.receive.conformance import VERIFICATION_SOP_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def _file_contexts(paths: Sequence[Path]) -> dict[Path, list[tuple[str, str]]]:
             raise InvalidDicomError(f"cannot read {path.name}: {exc}") from exc
         sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
         tsyntax = str(ds.file_meta.TransferSyntaxUID)
-        needs[path] = list(dict.fromkeys((sop_class, ts) for ts in (tsyntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian)))
+        needs[path] = list(
+            dict.fromkeys((sop_class, ts) for ts in (tsyntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+        )
     return needs
 
 
@@ -73,7 +75,7 @@ def _build_ae(peer: DicomPeer) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: DicomPeer, contexts: list) -> object:
+def _associate(ae: AE, peer: DicomPeer, contexts: list[PresentationContext]) -> object:
     assoc = ae.associate(
         peer.host,
         peer.port,
@@ -91,7 +93,7 @@ def _associate(ae: AE, peer: DicomPeer, contexts: list) -> object:
 def echo(peer: DicomPeer) -> int:
     """C-ECHO the peer; returns the status (0x0000 on success)."""
     ae = _build_ae(peer)
-    assoc = _associate(ae, peer, [build_context(Verification)])
+    assoc = _associate(ae, peer, [build_context(VERIFICATION_SOP_CLASS)])
     try:
         status = assoc.send_c_echo()  # type: ignore[attr-defined]
     finally:

@@ -7,12 +7,12 @@ import random
 from dataclasses import dataclass
 
 
-class JobKind(str, enum.Enum):
+class JobKind(enum.StrEnum):
     INFER = "infer"
     DELIVER = "deliver"
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -34,6 +34,6 @@ class RetryPolicy:
     max_attempts: int = 8
 
     def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
-        ceiling = min(self.cap_s, self.base_s * (2 ** max(0, attempt - 1)))
-        r: float = (rng or random).random()
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** max(0, attempt - 1))
+        r = float((rng or random).random())
         return ceiling / 2 + r * ceiling / 2

@@ -100,5 +100,5 @@ class ModelOutput:
     the volume loader; 0 is background.
     """
 
-    label_map: "object"  # numpy.ndarray[uint8]; typed loosely to keep domain free of numpy
+    label_map: object  # numpy.ndarray[uint8]; typed loosely to keep domain free of numpy
     segments: list[SegmentSpec] = field(default_factory=list)

@@ -79,7 +79,9 @@ class Condition(BaseModel):
     def _one_operator(self) -> Condition:
         ops = [n for n in ("equals", "in_", "regex", "range", "present") if getattr(self, n) is not None]
         if len(ops) != 1:
-            raise ValueError(f"condition on {self.attribute} needs exactly one of equals/in/regex/range/present")
+            raise ValueError(
+                f"condition on {self.attribute} needs exactly one of equals/in/regex/range/present"
+            )
         return self
 
     def describe(self) -> str:
@@ -193,7 +195,7 @@ def evaluate_condition(cond: Condition, attrs: Mapping[str, Any]) -> bool:
         return re.search(cond.regex, _as_text(value), flags) is not None
     if cond.range is not None:
         try:
-            number = float(value)
+            number = float(str(value))
         except (TypeError, ValueError):
             return False
         low, high = cond.range.get("min"), cond.range.get("max")

@@ -73,8 +73,10 @@ class ModelRegistry:
 
 def default_registry(device: str = "auto") -> ModelRegistry:
     """The built-in models: 'mr-brain' (deepbet CNN) and 'ct-lung-classical' (threshold + components)."""
-    from dicom_ai_node.infer.models.brain_deepbet import MODEL_NAME as BRAIN, DeepbetBrainModel
-    from dicom_ai_node.infer.models.lung_classical import MODEL_NAME as LUNG, ClassicalLungModel
+    from dicom_ai_node.infer.models.brain_deepbet import MODEL_NAME as BRAIN
+    from dicom_ai_node.infer.models.brain_deepbet import DeepbetBrainModel
+    from dicom_ai_node.infer.models.lung_classical import MODEL_NAME as LUNG
+    from dicom_ai_node.infer.models.lung_classical import ClassicalLungModel
 
     registry = ModelRegistry()
     # The device is resolved when the model loads, so building a registry never imports torch.

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 
 from dicom_ai_node.errors import InferenceError, InvalidDicomError
 
@@ -157,7 +157,9 @@ def _read_header(path: Path) -> _Header:
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} is multi-frame: not supported yet")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} is colour: only grayscale supported")
+        raise InvalidDicomError(
+            f"series {series_uid}: instance {sop_uid} is colour: only grayscale supported"
+        )
     missing = [
         keyword
         for keyword in ("Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
@@ -170,7 +172,9 @@ def _read_header(path: Path) -> _Header:
         ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
         row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     except (TypeError, ValueError) as exc:
-        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed geometry: {exc}") from exc
+        raise InvalidDicomError(
+            f"series {series_uid}: instance {sop_uid} has malformed geometry: {exc}"
+        ) from exc
     if iop.shape != (6,) or ipp.shape != (3,) or row_spacing <= 0 or col_spacing <= 0:
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed geometry")
     row_cosines, col_cosines = iop[:3], iop[3:]
@@ -200,8 +204,8 @@ def _check_one_grid(headers: list[_Header]) -> None:
 
 
 def _normal(header: _Header) -> np.ndarray:
-    normal = np.cross(header.row_cosines, header.col_cosines)
-    return normal / np.linalg.norm(normal)
+    normal: np.ndarray = np.cross(header.row_cosines, header.col_cosines)
+    return normal / float(np.linalg.norm(normal))
 
 
 def _sort_and_deduplicate(headers: list[_Header]) -> list[_Header]:
@@ -233,7 +237,14 @@ def _decode_frame(header: _Header) -> np.ndarray:
     sop_uid = str(header.ds.get("SOPInstanceUID", ""))
     try:
         stored = pixel_array(header.path)
-    except (OSError, ValueError, RuntimeError, NotImplementedError, AttributeError, PydicomInvalidDicomError) as exc:
+    except (
+        OSError,
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        AttributeError,
+        PydicomInvalidDicomError,
+    ) as exc:
         # pydicom raises RuntimeError/NotImplementedError for missing decoders, ValueError for corrupt data.
         raise InvalidDicomError(f"instance {sop_uid}: pixel data could not be decoded: {exc}") from exc
     rows, cols = int(header.ds.Rows), int(header.ds.Columns)

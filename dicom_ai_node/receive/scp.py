@@ -48,9 +48,13 @@ class StoreContext:
 def handle_requested(event: Event, allow_list: PeerAllowList) -> None:
     """Reject associations from calling AEs (or addresses) that are not on the allow-list."""
     requestor = event.assoc.requestor
-    calling_ae = str(requestor.primitive.calling_ae_title).strip()
+    primitive = requestor.primitive
+    calling_ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+
     if not allow_list.is_allowed(calling_ae, requestor.address):
-        log.warning("association rejected: calling AE %r from %s is not allowed", calling_ae, requestor.address)
+        log.warning(
+            "association rejected: calling AE %r from %s is not allowed", calling_ae, requestor.address
+        )
         event.assoc.acse.send_reject(*REJECT_CALLING_AE)
         # As pynetdicom's own reject path does: kill() lets the DUL flush the A-ASSOCIATE-RJ first.
         event.assoc.kill()
@@ -63,7 +67,7 @@ def handle_echo(event: Event) -> int:
 def handle_store(event: Event, ctx: StoreContext) -> int:
     """Persist one instance durably, then answer; map every failure to a named DIMSE status."""
     calling_ae = str(event.assoc.requestor.ae_title).strip()
-    sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
+    sop_instance_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
     if not ctx.spool.has_space(ctx.reserve_bytes):
         log.error("refusing SOP %s from %s: spool disk under its reserve", sop_instance_uid, calling_ae)
         return STATUS_OUT_OF_RESOURCES
@@ -77,7 +81,9 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     if uids["SOPInstanceUID"] != sop_instance_uid:
         log.warning(
             "SOP %s from %s: dataset says SOPInstanceUID %s; storing under the dataset's",
-            sop_instance_uid, calling_ae, uids["SOPInstanceUID"],
+            sop_instance_uid,
+            calling_ae,
+            uids["SOPInstanceUID"],
         )
     size = tmp_path.stat().st_size
     try:
@@ -103,7 +109,9 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         is_new = ctx.repo.record_instance(record)
     except SQLAlchemyError as exc:
         ctx.spool.remove(spool_path)
-        log.error("database error storing SOP %s from %s: %s", sop_instance_uid, calling_ae, type(exc).__name__)
+        log.error(
+            "database error storing SOP %s from %s: %s", sop_instance_uid, calling_ae, type(exc).__name__
+        )
         return STATUS_OUT_OF_RESOURCES
     if not is_new:
         # Duplicates are stored once (as Orthanc does) and still answered Success.
@@ -140,7 +148,7 @@ class StorageSCP:
         # in the spool makes the final move an atomic same-filesystem rename.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.ctx.spool.incoming)
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, handle_requested, [self.allow_list]),
             (evt.EVT_C_ECHO, handle_echo),

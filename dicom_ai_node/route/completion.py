@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from dicom_ai_node.domain.jobs import JobKind
 from dicom_ai_node.domain.rules import Rule, RuleSet, matching_rules
@@ -47,7 +47,7 @@ class CompletionSweep:
         rules: Callable[[], RuleSet],
         default_quiet_s: float,
         max_attempts: int | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.repo = repo
         self.queue = queue
@@ -86,10 +86,16 @@ class CompletionSweep:
             if not hits:
                 # Not an error: recorded so an admin can see why nothing happened.
                 self.repo.mark_series(
-                    row.series_instance_uid, SeriesStatus.UNMATCHED, "no rule matched", generation=row.generation
+                    row.series_instance_uid,
+                    SeriesStatus.UNMATCHED,
+                    "no rule matched",
+                    generation=row.generation,
                 )
-                log.info("series %s complete (%d instances): no rule matched", row.series_instance_uid,
-                         row.instance_count)
+                log.info(
+                    "series %s complete (%d instances): no rule matched",
+                    row.series_instance_uid,
+                    row.instance_count,
+                )
                 stats.unmatched += 1
                 continue
             for rule in hits:
@@ -112,7 +118,11 @@ class CompletionSweep:
                 stats.jobs += 1
             note = "routed by " + ", ".join(f"{r.id} v{r.version}" for r in hits)
             # generation guard: an instance that arrived after the claim re-opened the series; keep it open.
-            self.repo.mark_series(row.series_instance_uid, SeriesStatus.ROUTED, note, generation=row.generation)
-            log.info("series %s complete (%d instances): %s", row.series_instance_uid, row.instance_count, note)
+            self.repo.mark_series(
+                row.series_instance_uid, SeriesStatus.ROUTED, note, generation=row.generation
+            )
+            log.info(
+                "series %s complete (%d instances): %s", row.series_instance_uid, row.instance_count, note
+            )
             stats.routed += 1
         return stats

@@ -102,8 +102,15 @@ class Worker:
             log.warning("job %d failed after its lease was lost: %s", job.id, message)
             return
         level = logging.ERROR if status == JobStatus.DEAD else logging.WARNING
-        log.log(level, "job %d (%s) attempt %d failed -> %s: %s", job.id, job.kind.value, job.attempts,
-                status.value, message)
+        log.log(
+            level,
+            "job %d (%s) attempt %d failed -> %s: %s",
+            job.id,
+            job.kind.value,
+            job.attempts,
+            status.value,
+            message,
+        )
 
     def run_forever(self, stop: threading.Event) -> None:
         log.info("worker %s started for %s", self.worker_id, [k.value for k in self.kinds])

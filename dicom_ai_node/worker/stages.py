@@ -13,7 +13,9 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydicom import Dataset
 
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.deliver.dimse import DicomPeer, send_files
@@ -70,13 +72,15 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
     uids = result_uids(series_uid, model.identity, rule, revision=int(p.get("generation", 1)))
     measurements = measure(label_map, model.segments, voxel_volume_mm3(volume))
     seg = encode_seg(volume.datasets, label_map, model.segments, model.identity, rule, identity, uids)
-    sr = encode_sr(volume.datasets, seg, measurements, model.identity, rule, identity, uids,
-                   segments=model.segments)
+    sr = encode_sr(
+        volume.datasets, seg, measurements, model.identity, rule, identity, uids, segments=model.segments
+    )
     timings["encode_s"] = time.perf_counter() - t
 
     files: list[str] = []
     sop_uids: list[str] = []
-    for kind, ds in (("SEG", seg), ("SR", sr)):
+    results: tuple[tuple[Literal["SEG", "SR"], Dataset | None], ...] = (("SEG", seg), ("SR", sr))
+    for kind, ds in results:
         if ds is None:
             continue
         rel = ctx.spool.write_dataset(ds, RESULTS)
@@ -96,19 +100,36 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
     for destination in p["destinations"]:
         ctx.queue.enqueue(
             JobKind.DELIVER,
-            {"destination": destination, "files": files, "sop_instance_uids": sop_uids,
-             "series_instance_uid": series_uid, "infer_job_id": job.id},
+            {
+                "destination": destination,
+                "files": files,
+                "sop_instance_uids": sop_uids,
+                "series_instance_uid": series_uid,
+                "infer_job_id": job.id,
+            },
             dedupe_key=f"deliver:{uids.sr_sop_instance_uid}:{destination}:job{job.id}:a{job.attempts}",
             priority=job.priority,
             max_attempts=ctx.settings.worker.max_attempts,
         )
     timings["total_s"] = time.perf_counter() - t0
     found = {m.label: round(m.volume_cm3, 2) for m in measurements if m.voxel_count}
-    log.info("infer job %d: series %s model %s -> %s (%s)", job.id, series_uid, model.identity.name,
-             found or "nothing found", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
-    return {"model": model.identity.name, "model_version": model.identity.version,
-            "rule_id": rule.rule_id, "rule_version": rule.rule_version,
-            "sop_instance_uids": sop_uids, "volumes_cm3": found, "timings": timings}
+    log.info(
+        "infer job %d: series %s model %s -> %s (%s)",
+        job.id,
+        series_uid,
+        model.identity.name,
+        found or "nothing found",
+        ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
+    )
+    return {
+        "model": model.identity.name,
+        "model_version": model.identity.version,
+        "rule_id": rule.rule_id,
+        "rule_version": rule.rule_version,
+        "sop_instance_uids": sop_uids,
+        "volumes_cm3": found,
+        "timings": timings,
+    }
 
 
 def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:

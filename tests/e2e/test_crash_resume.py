@@ -20,9 +20,12 @@ pytestmark = pytest.mark.e2e
 
 def _start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(out), str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -47,14 +50,29 @@ def test_kill9_during_inference_then_restart_delivers_exactly_once(tmp_path: Pat
     received.mkdir()
     storescp, pacs_port = _start_storescp(received)
     worker = {"lease_s": 6, "heartbeat_s": 2, "poll_interval_s": 0.2, "backoff_base_s": 1, "backoff_cap_s": 5}
-    node = NodeProcess(tmp_path / "node", pacs_aet="PACS", pacs_port=pacs_port, quiet_period_s=1,
-                       extra={"worker": worker})
+    node = NodeProcess(
+        tmp_path / "node", pacs_aet="PACS", pacs_port=pacs_port, quiet_period_s=1, extra={"worker": worker}
+    )
     try:
         node.start()
         mr = ch2_mr_series(tmp_path / "mr")
         env = dict(os.environ, TCP_NODELAY="1")
-        subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.dicom_port),
-                        *map(str, mr.paths)], check=True, env=env, capture_output=True, timeout=300)
+        subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "AINODE",
+                "127.0.0.1",
+                str(node.dicom_port),
+                *map(str, mr.paths),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
 
         def infer_running() -> bool:
             return any(j["kind"] == "infer" and j["status"] == "running" for j in node.get_json("/api/jobs"))

@@ -56,7 +56,9 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
     node_port = free_port()
     orthanc = OrthancServer(work / "orthanc")
     orthanc.start(node_aet="AINODE", node_port=node_port, stable_age=2)
-    node = NodeProcess(work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port, dicom_port=node_port)
+    node = NodeProcess(
+        work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port, dicom_port=node_port
+    )
     try:
         node.start()
         mr = ch2_mr_series(work / "mr")
@@ -73,7 +75,9 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
                         results[info.study_instance_uid] = files
             time.sleep(1)
         if len(results) < 2:
-            pytest.fail(f"results did not arrive in Orthanc within {TIMEOUT_S} s\nnode log:\n{node.log_tail()}")
+            pytest.fail(
+                f"results did not arrive in Orthanc within {TIMEOUT_S} s\nnode log:\n{node.log_tail()}"
+            )
         turnaround = time.monotonic() - t_sent
         # Give Orthanc's StableAge time to pass for the results, so a forwarding loop would show.
         time.sleep(4)
@@ -134,7 +138,11 @@ def test_loop_guard_results_are_not_forwarded_back_to_the_node(e2e) -> None:  # 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])
 def test_all_jobs_succeeded(e2e, key: str) -> None:  # type: ignore[no-untyped-def]
-    jobs = [j for j in e2e["jobs"] if j["payload"].get("series_instance_uid") == e2e[key].source.series_instance_uid]
+    jobs = [
+        j
+        for j in e2e["jobs"]
+        if j["payload"].get("series_instance_uid") == e2e[key].source.series_instance_uid
+    ]
     assert {j["kind"] for j in jobs} == {"infer", "deliver"}
     assert all(j["status"] == "succeeded" for j in jobs), jobs
 
@@ -169,8 +177,9 @@ def test_sr_volumes_match_the_seg_within_one_percent(e2e, key: str) -> None:  # 
     seg = hd.seg.segread(outcome.seg_path)
     source = outcome.source
     voxel_mm3 = source.pixel_spacing[0] * source.pixel_spacing[1] * source.slice_spacing
-    pixels = seg.get_pixels_by_source_instance(list(source.sop_instance_uids),
-                                               segment_numbers=seg.get_segment_numbers())
+    pixels = seg.get_pixels_by_source_instance(
+        list(source.sop_instance_uids), segment_numbers=seg.get_segment_numbers()
+    )
     report = hd.sr.srread(outcome.sr_path).content
     groups = report.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(seg.get_segment_numbers())

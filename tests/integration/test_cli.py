@@ -15,8 +15,13 @@ ROOT = Path(__file__).parents[2]
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_ai_node.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_echo_and_send_to_the_node_scp(running_scp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -45,8 +50,10 @@ def test_rules_validate(tmp_path: Path) -> None:
     ok = cli("rules", "validate", "config/rules.yaml", "-c", "config/node.yaml")
     assert ok.returncode == 0 and "2 rules OK" in ok.stdout
     broken = tmp_path / "rules.yaml"
-    broken.write_text("rules:\n  - id: x\n    conditions: [{attribute: Modality, regex: '('}]\n"
-                      "    action: {model: mr-brain, destinations: [pacs]}\n")
+    broken.write_text(
+        "rules:\n  - id: x\n    conditions: [{attribute: Modality, regex: '('}]\n"
+        "    action: {model: mr-brain, destinations: [pacs]}\n"
+    )
     bad = cli("rules", "validate", str(broken), "-c", "config/node.yaml")
     assert bad.returncode == 1 and "invalid regex" in bad.stderr
 
@@ -61,8 +68,11 @@ def test_jobs_list_and_retry(node_settings, tmp_path: Path) -> None:  # type: ig
     claimed = services.queue.claim("w1", [JobKind.DELIVER], 60)
     services.queue.fail(claimed.id, "w1", "PermanentDeliveryError: association rejected", permanent=True)
     cfg = tmp_path / "node.yaml"
-    cfg.write_text(yaml.safe_dump({"database_url": node_settings.database_url,
-                                   "spool_dir": str(node_settings.spool_dir)}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {"database_url": node_settings.database_url, "spool_dir": str(node_settings.spool_dir)}
+        )
+    )
     listed = cli("jobs", "list", "-c", str(cfg), "--status", "dead")
     assert listed.returncode == 0 and f"{job_id}" in listed.stdout and "association rejected" in listed.stdout
     assert cli("jobs", "retry", str(job_id), "-c", str(cfg)).returncode == 0

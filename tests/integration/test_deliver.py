@@ -26,9 +26,12 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
     out = tmp_path / "received"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-                            env=dict(os.environ, TCP_NODELAY="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(out), str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -64,10 +67,20 @@ def test_rejected_association_is_permanent(running_scp, tmp_path: Path) -> None:
 
 
 def _deliver_job(node_settings, tmp_path: Path, port: int, calling: str = "TESTSCU"):  # type: ignore[no-untyped-def]
-    settings = node_settings.model_copy(update={
-        "destinations": [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port,
-                                     calling_ae_title=calling, timeout_s=5)],
-    })
+    settings = node_settings.model_copy(
+        update={
+            "destinations": [
+                Destination(
+                    name="pacs",
+                    ae_title="PACS",
+                    host="127.0.0.1",
+                    port=port,
+                    calling_ae_title=calling,
+                    timeout_s=5,
+                )
+            ],
+        }
+    )
     settings.worker.max_attempts = 3
     services = build_services(settings)
     src = write_ct_series(tmp_path / "res", n_slices=2)
@@ -87,7 +100,9 @@ def test_deliver_job_retries_with_backoff_then_dead_letter_then_replay(node_sett
     # Exhaust the attempts, moving each backoff deadline into the past instead of waiting for it.
     for _ in range(3):
         with services.engine.begin() as conn:
-            conn.exec_driver_sql("UPDATE jobs SET scheduled_at = '2000-01-01 00:00:00.000000' WHERE id = ?", (job_id,))
+            conn.exec_driver_sql(
+                "UPDATE jobs SET scheduled_at = '2000-01-01 00:00:00.000000' WHERE id = ?", (job_id,)
+            )
         worker.run_one()
         if services.queue.get(job_id).status == JobStatus.DEAD:
             break

@@ -21,7 +21,10 @@ def _storescu(files: list[Path], port: int, calling: str = "STORESCU") -> subpro
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run(
         ["storescu", "-aet", calling, "-aec", "AINODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -87,7 +90,9 @@ def _garbage_file(path: Path, sop_instance_uid: str) -> Path:
     return path
 
 
-def test_corrupt_dataset_gets_failure_status_and_node_keeps_serving(running_scp, tmp_path: Path, caplog) -> None:
+def test_corrupt_dataset_gets_failure_status_and_node_keeps_serving(
+    running_scp, tmp_path: Path, caplog
+) -> None:
     bad_uid = generate_uid()
     bad = _garbage_file(tmp_path / "bad.dcm", bad_uid)
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the raw bytes as they are
@@ -139,7 +144,9 @@ def test_allow_list(calling: str, expected: bool) -> None:
     from dicom_ai_node.config import AllowedPeer
     from dicom_ai_node.receive.allowlist import PeerAllowList
 
-    allow = PeerAllowList([AllowedPeer(ae_title="TESTSCU", hosts=["127.0.0.0/8"]), AllowedPeer(ae_title="STORESCU")])
+    allow = PeerAllowList(
+        [AllowedPeer(ae_title="TESTSCU", hosts=["127.0.0.0/8"]), AllowedPeer(ae_title="STORESCU")]
+    )
     assert allow.is_allowed(calling, "127.0.0.1") is expected
     assert allow.is_allowed("TESTSCU", "10.1.2.3") is False
     assert PeerAllowList([], allow_any=True).is_allowed("ANY", "10.1.2.3")

@@ -254,13 +254,17 @@ def _write_series(
     to_source_grid: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SeriesInfo:
     n_frames, rows, columns = pixels.shape
-    column_spacing, row_spacing, slice_spacing = (float(np.linalg.norm(voxel_to_patient[:3, n])) for n in range(3))
+    column_spacing, row_spacing, slice_spacing = (
+        float(np.linalg.norm(voxel_to_patient[:3, n])) for n in range(3)
+    )
     row_dir = voxel_to_patient[:3, 0] / column_spacing
     col_dir = voxel_to_patient[:3, 1] / row_spacing
     if np.dot(np.cross(row_dir, col_dir), voxel_to_patient[:3, 2]) <= 0:
         raise ValueError("frames must be ordered along the slice normal")
     iop = tuple(round(float(v), 6) for v in (*row_dir, *col_dir))
-    positions = [tuple(round(float(v), 4) for v in voxel_to_patient @ (0, 0, f, 1))[:3] for f in range(n_frames)]
+    positions = [
+        tuple(round(float(v), 4) for v in voxel_to_patient @ (0, 0, f, 1))[:3] for f in range(n_frames)
+    ]
     normal = np.cross(row_dir, col_dir)
 
     study_uid = study_instance_uid or generate_uid()

@@ -50,8 +50,11 @@ class NodeProcess:
         self.config_path = self.workdir / "node.yaml"
         config: dict[str, Any] = {
             "ae_title": ae_title,
-            "dicom": {"bind": "127.0.0.1", "port": self.dicom_port,
-                      "allowed_peers": [{"ae_title": pacs_aet, "hosts": ["127.0.0.1"]}, {"ae_title": "STORESCU"}]},
+            "dicom": {
+                "bind": "127.0.0.1",
+                "port": self.dicom_port,
+                "allowed_peers": [{"ae_title": pacs_aet, "hosts": ["127.0.0.1"]}, {"ae_title": "STORESCU"}],
+            },
             "http": {"bind": "127.0.0.1", "port": self.http_port},
             "spool_dir": str(self.workdir / "spool"),
             "database_url": database_url or f"sqlite:///{self.workdir / 'node.db'}",
@@ -59,10 +62,22 @@ class NodeProcess:
             "quiet_period_s": quiet_period_s,
             "sweep_interval_s": 0.5,
             "rules_file": str(ROOT / "config" / "rules.yaml"),
-            "destinations": [{"name": "pacs", "type": "dicom", "ae_title": pacs_aet, "host": "127.0.0.1",
-                              "port": pacs_port}],
-            "worker": {"lease_s": 60, "heartbeat_s": 5, "poll_interval_s": 0.2, "backoff_base_s": 1,
-                       "backoff_cap_s": 10},
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "type": "dicom",
+                    "ae_title": pacs_aet,
+                    "host": "127.0.0.1",
+                    "port": pacs_port,
+                }
+            ],
+            "worker": {
+                "lease_s": 60,
+                "heartbeat_s": 5,
+                "poll_interval_s": 0.2,
+                "backoff_base_s": 1,
+                "backoff_cap_s": 10,
+            },
         }
         config.update(extra or {})
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -76,8 +91,19 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_ai_node.cli", "serve", "-c", str(self.config_path), *self.serve_args],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "dicom_ai_node.cli",
+                "serve",
+                "-c",
+                str(self.config_path),
+                *self.serve_args,
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -45,10 +45,28 @@ class OrthancServer:
     def start(self, node_aet: str, node_port: int, stable_age: int = 2) -> OrthancServer:
         self.http_port, self.dicom_port = free_port(), free_port()
         proc = subprocess.run(
-            ["bash", str(START_SCRIPT), "--background", "--dir", str(self.dir), "--aet", self.aet,
-             "--http-port", str(self.http_port), "--dicom-port", str(self.dicom_port),
-             "--node-aet", node_aet, "--node-port", str(node_port), "--stable-age", str(stable_age)],
-            capture_output=True, text=True, timeout=60,
+            [
+                "bash",
+                str(START_SCRIPT),
+                "--background",
+                "--dir",
+                str(self.dir),
+                "--aet",
+                self.aet,
+                "--http-port",
+                str(self.http_port),
+                "--dicom-port",
+                str(self.dicom_port),
+                "--node-aet",
+                node_aet,
+                "--node-port",
+                str(node_port),
+                "--stable-age",
+                str(stable_age),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"Orthanc did not start:\n{proc.stdout}\n{proc.stderr}")
@@ -83,7 +101,9 @@ class OrthancServer:
     # -- REST helpers ------------------------------------------------------------------------------
 
     def request(self, path: str, body: bytes | None = None, method: str | None = None) -> bytes:
-        req = urllib.request.Request(self.http_url + path, data=body, method=method or ("POST" if body else "GET"))
+        req = urllib.request.Request(
+            self.http_url + path, data=body, method=method or ("POST" if body else "GET")
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             return bytes(resp.read())
 
@@ -128,7 +148,10 @@ def storescu(files: list[Path], aet_called: str, port: int, calling_aet: str = "
     """DCMTK storescu with TCP_NODELAY=1 (Debian's DCMTK leaves Nagle on: ~45 ms per instance otherwise)."""
     proc = subprocess.run(
         ["storescu", "-aet", calling_aet, "-aec", aet_called, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"), timeout=600,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TCP_NODELAY="1"),
+        timeout=600,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"storescu failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

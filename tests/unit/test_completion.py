@@ -37,13 +37,26 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     return repo, queue, sweep, clock
 
 
-def _receive(repo: SeriesRepository, series: str, n: int, modality: str = "CT", start: int = 0, **header: object) -> None:
+def _receive(
+    repo: SeriesRepository, series: str, n: int, modality: str = "CT", start: int = 0, **header: object
+) -> None:
     for i in range(start, start + n):
-        repo.record_instance(InstanceRecord(
-            sop_instance_uid=f"{series}.{i}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid=series,
-            study_instance_uid="1.2.3", transfer_syntax_uid="1.2.840.10008.1.2.1", spool_path=f"x/{series}.{i}",
-            size_bytes=1, calling_ae="ORTHANC", modality=modality, body_part_examined="CHEST",
-            series_description="CHEST CT", header={"Modality": modality, **header}))
+        repo.record_instance(
+            InstanceRecord(
+                sop_instance_uid=f"{series}.{i}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                series_instance_uid=series,
+                study_instance_uid="1.2.3",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                spool_path=f"x/{series}.{i}",
+                size_bytes=1,
+                calling_ae="ORTHANC",
+                modality=modality,
+                body_part_examined="CHEST",
+                series_description="CHEST CT",
+                header={"Modality": modality, **header},
+            )
+        )
 
 
 def test_series_waits_for_quiet_period_then_routes_once(env) -> None:  # type: ignore[no-untyped-def]

@@ -33,8 +33,14 @@ def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
         ("dicom:\n  port: 70000\n", "dicom.port"),
         ("ae_title: THIS_AE_TITLE_IS_TOO_LONG\n", "ae_title"),
         ("database_url: mysql://x\n", "database_url"),
-        ("dicom:\n  allowed_peers:\n    - ae_title: PACS\n      hosts: [not-an-ip]\n", "dicom.allowed_peers.0.hosts"),
-        ("destinations:\n  - name: pacs\n    ae_title: ORTHANC\n    host: 127.0.0.1\n", "destinations.0.port"),
+        (
+            "dicom:\n  allowed_peers:\n    - ae_title: PACS\n      hosts: [not-an-ip]\n",
+            "dicom.allowed_peers.0.hosts",
+        ),
+        (
+            "destinations:\n  - name: pacs\n    ae_title: ORTHANC\n    host: 127.0.0.1\n",
+            "destinations.0.port",
+        ),
         ("unknown_key: 1\n", "unknown_key"),
         ("worker:\n  lease_s: 10\n  heartbeat_s: 10\n", "worker"),
     ],
@@ -50,7 +56,11 @@ def test_invalid_config_names_the_key(tmp_path: Path, yaml_text: str, key: str) 
 def test_cli_exits_nonzero_with_one_clear_line(tmp_path: Path) -> None:
     cfg = tmp_path / "node.yaml"
     cfg.write_text("dicom:\n  port: -1\n")
-    proc = subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", "jobs", "list", "-c", str(cfg)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dicom_ai_node.cli", "jobs", "list", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: config error at 'dicom.port'")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,9 +69,13 @@ def _check_lungs(volume: Volume, label_map: np.ndarray) -> dict[str, float]:
         mask = label_map == value
         volumes[name] = mask.sum() * voxel_volume_mm3(volume) / 1e6  # litres
         # Never touches the in-plane border (outside air was removed).
-        assert not (mask[:, 0, :].any() or mask[:, -1, :].any() or mask[:, :, 0].any() or mask[:, :, -1].any())
+        assert not (
+            mask[:, 0, :].any() or mask[:, -1, :].any() or mask[:, :, 0].any() or mask[:, :, -1].any()
+        )
     # Patient left is +x in LPS.
-    assert _centroid_x(volume, label_map == by_name["Left lung"]) > _centroid_x(volume, label_map == by_name["Right lung"])
+    assert _centroid_x(volume, label_map == by_name["Left lung"]) > _centroid_x(
+        volume, label_map == by_name["Right lung"]
+    )
     return volumes
 
 

@@ -11,14 +11,33 @@ RULES = Path(__file__).parents[2] / "config" / "rules.yaml"
 
 
 def _rule(conditions: list[dict], **action: object) -> RuleSet:
-    return parse_rules({"rules": [{"id": "r1", "conditions": conditions,
-                                   "action": {"model": "m", "destinations": ["pacs"], **action}}]})
+    return parse_rules(
+        {
+            "rules": [
+                {
+                    "id": "r1",
+                    "conditions": conditions,
+                    "action": {"model": "m", "destinations": ["pacs"], **action},
+                }
+            ]
+        }
+    )
 
 
 def test_default_rules_route_brain_mr_and_chest_ct() -> None:
     rules = load_rules(RULES)
-    mr = {"Modality": "MR", "BodyPartExamined": "BRAIN", "SeriesDescription": "T1 3D", "NumberOfInstances": 181}
-    ct = {"Modality": "CT", "BodyPartExamined": "CHEST", "SeriesDescription": "CHEST CT", "NumberOfInstances": 48}
+    mr = {
+        "Modality": "MR",
+        "BodyPartExamined": "BRAIN",
+        "SeriesDescription": "T1 3D",
+        "NumberOfInstances": 181,
+    }
+    ct = {
+        "Modality": "CT",
+        "BodyPartExamined": "CHEST",
+        "SeriesDescription": "CHEST CT",
+        "NumberOfInstances": 48,
+    }
     assert [r.action.model for r, _ in matching_rules(rules, mr)] == ["mr-brain"]
     assert [r.action.model for r, _ in matching_rules(rules, ct)] == ["ct-lung-classical"]
     assert matching_rules(rules, {"Modality": "CR", "NumberOfInstances": 1}) == []
@@ -38,7 +57,11 @@ def test_default_rules_route_brain_mr_and_chest_ct() -> None:
         ({"attribute": "SliceThickness", "range": {"max": 2.5}}, {"SliceThickness": "5"}, False),
         ({"attribute": "SliceThickness", "range": {"min": 1}}, {"SliceThickness": "abc"}, False),
         ({"attribute": "NumberOfInstances", "equals": 20}, {"NumberOfInstances": 20}, True),
-        ({"attribute": "ImageType", "regex": "PRIMARY"}, {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]}, True),
+        (
+            {"attribute": "ImageType", "regex": "PRIMARY"},
+            {"ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"]},
+            True,
+        ),
         ({"attribute": "CallingAETitle", "equals": "CT01"}, {"CallingAETitle": "CT01"}, True),
         # null semantics: missing attributes fail unless if_missing: match; `present` tests absence
         ({"attribute": "BodyPartExamined", "in": ["CHEST"]}, {}, False),
@@ -53,7 +76,9 @@ def test_operators(cond: dict, attrs: dict, expected: bool) -> None:
 
 
 def test_explanation_names_the_deciding_attributes() -> None:
-    rule = _rule([{"attribute": "Modality", "equals": "CT"}, {"attribute": "NumberOfInstances", "range": {"min": 20}}])
+    rule = _rule(
+        [{"attribute": "Modality", "equals": "CT"}, {"attribute": "NumberOfInstances", "range": {"min": 20}}]
+    )
     result = match_rule(rule.rules[0], {"Modality": "CT", "NumberOfInstances": 5})
     assert not result.matched
     assert [c.matched for c in result.conditions] == [True, False]
@@ -61,23 +86,77 @@ def test_explanation_names_the_deciding_attributes() -> None:
 
 
 def test_disabled_rule_never_matches() -> None:
-    rs = parse_rules({"rules": [{"id": "r", "enabled": False, "conditions": [{"attribute": "Modality", "equals": "CT"}],
-                                 "action": {"model": "m", "destinations": ["d"]}}]})
+    rs = parse_rules(
+        {
+            "rules": [
+                {
+                    "id": "r",
+                    "enabled": False,
+                    "conditions": [{"attribute": "Modality", "equals": "CT"}],
+                    "action": {"model": "m", "destinations": ["d"]},
+                }
+            ]
+        }
+    )
     assert not match_rule(rs.rules[0], {"Modality": "CT"}).matched
 
 
 @pytest.mark.parametrize(
     "bad,needle",
     [
-        ({"rules": [{"id": "r", "conditions": [{"attribute": "PatientName", "equals": "x"}],
-                     "action": {"model": "m", "destinations": ["d"]}}]}, "unknown attribute"),
-        ({"rules": [{"id": "r", "conditions": [{"attribute": "Modality", "equals": "CT", "regex": "x"}],
-                     "action": {"model": "m", "destinations": ["d"]}}]}, "exactly one"),
-        ({"rules": [{"id": "r", "conditions": [{"attribute": "Modality", "regex": "("}],
-                     "action": {"model": "m", "destinations": ["d"]}}]}, "invalid regex"),
-        ({"rules": [{"id": "r", "conditions": [], "action": {"model": "m", "destinations": ["d"]}}]}, "conditions"),
-        ({"rules": [{"id": "r", "conditions": [{"attribute": "Modality", "equals": "CT"}],
-                     "action": {"model": "m", "destinations": ["d"]}}] * 2}, "duplicate rule ids"),
+        (
+            {
+                "rules": [
+                    {
+                        "id": "r",
+                        "conditions": [{"attribute": "PatientName", "equals": "x"}],
+                        "action": {"model": "m", "destinations": ["d"]},
+                    }
+                ]
+            },
+            "unknown attribute",
+        ),
+        (
+            {
+                "rules": [
+                    {
+                        "id": "r",
+                        "conditions": [{"attribute": "Modality", "equals": "CT", "regex": "x"}],
+                        "action": {"model": "m", "destinations": ["d"]},
+                    }
+                ]
+            },
+            "exactly one",
+        ),
+        (
+            {
+                "rules": [
+                    {
+                        "id": "r",
+                        "conditions": [{"attribute": "Modality", "regex": "("}],
+                        "action": {"model": "m", "destinations": ["d"]},
+                    }
+                ]
+            },
+            "invalid regex",
+        ),
+        (
+            {"rules": [{"id": "r", "conditions": [], "action": {"model": "m", "destinations": ["d"]}}]},
+            "conditions",
+        ),
+        (
+            {
+                "rules": [
+                    {
+                        "id": "r",
+                        "conditions": [{"attribute": "Modality", "equals": "CT"}],
+                        "action": {"model": "m", "destinations": ["d"]},
+                    }
+                ]
+                * 2
+            },
+            "duplicate rule ids",
+        ),
     ],
 )
 def test_invalid_rules_give_clear_errors(bad: dict, needle: str) -> None:

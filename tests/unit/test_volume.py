@@ -64,7 +64,9 @@ def test_oblique_orientation(tmp_path: Path) -> None:
     iop = (c, s, 0.0, -s, c, 0.0)
     paths = write_ct_series(tmp_path / "ct", n_slices=4, image_orientation_patient=iop)
     volume = load_series(_shuffled(paths, tmp_path))
-    assert [str(ds.SOPInstanceUID) for ds in volume.datasets] == [str(dcmread(p).SOPInstanceUID) for p in paths]
+    assert [str(ds.SOPInstanceUID) for ds in volume.datasets] == [
+        str(dcmread(p).SOPInstanceUID) for p in paths
+    ]
     np.testing.assert_allclose(volume.affine_lps[:3, 0] / np.linalg.norm(volume.affine_lps[:3, 0]), iop[:3])
 
 

@@ -82,9 +82,13 @@ class DeepbetBrainModel:
                 _, mask_image, _ = self._bet.run(image)
             except AssertionError as exc:
                 # deepbet asserts when its bounding-box model finds no head at all.
-                raise InferenceError(f"series {volume.series_instance_uid}: deepbet found no brain: {exc}") from exc
+                raise InferenceError(
+                    f"series {volume.series_instance_uid}: deepbet found no brain: {exc}"
+                ) from exc
         if not np.allclose(mask_image.affine, image.affine, atol=1e-4):
-            raise InferenceError(f"series {volume.series_instance_uid}: deepbet mask is not on the input grid")
+            raise InferenceError(
+                f"series {volume.series_instance_uid}: deepbet mask is not on the input grid"
+            )
         mask_xyz = np.asanyarray(mask_image.dataobj)
         label_map = mask_from_nifti_grid(mask_xyz, volume).astype(np.uint8) * np.uint8(BRAIN_LABEL)
         return label_map

@@ -69,8 +69,12 @@ class ClassicalLungModel:
             description="classical lung segmentation: HU threshold, connected components, midline split",
         )
         self.segments = [
-            SegmentSpec(RIGHT_LUNG_LABEL, "Right lung", SCT_ANATOMICAL_STRUCTURE, SCT_RIGHT_LUNG, (80, 180, 250)),
-            SegmentSpec(LEFT_LUNG_LABEL, "Left lung", SCT_ANATOMICAL_STRUCTURE, SCT_LEFT_LUNG, (250, 200, 80)),
+            SegmentSpec(
+                RIGHT_LUNG_LABEL, "Right lung", SCT_ANATOMICAL_STRUCTURE, SCT_RIGHT_LUNG, (80, 180, 250)
+            ),
+            SegmentSpec(
+                LEFT_LUNG_LABEL, "Left lung", SCT_ANATOMICAL_STRUCTURE, SCT_LEFT_LUNG, (250, 200, 80)
+            ),
         ]
 
     def segment(self, volume: Volume) -> np.ndarray:
@@ -232,7 +236,9 @@ def _lps_x(canonical_affine: np.ndarray, index: np.ndarray) -> float:
     return float(canonical_affine[0, :3] @ index + canonical_affine[0, 3])
 
 
-def _label_right_left(lungs: list[np.ndarray], body_centre: np.ndarray, canonical_affine: np.ndarray) -> np.ndarray:
+def _label_right_left(
+    lungs: list[np.ndarray], body_centre: np.ndarray, canonical_affine: np.ndarray
+) -> np.ndarray:
     """Label by LPS x (patient left = +x): the lung with the smaller mean x is the right lung."""
     labels = np.zeros(lungs[0].shape, dtype=np.uint8)
     mean_x = [_lps_x(canonical_affine, np.argwhere(lung).mean(axis=0)) for lung in lungs]
