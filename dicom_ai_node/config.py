@@ -79,8 +79,6 @@ class Destination(_Strict):
     calling_ae_title: str | None = None
     max_pdu: int = Field(131072, ge=0)
     timeout_s: float = 60
-    # Per-destination SEG option (notes/seg-sr.md): some viewers misplace SEGs with omitted frames.
-    omit_empty_frames: bool = True
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
