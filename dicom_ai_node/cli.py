@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -87,6 +87,8 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Run infer + deliver workers in this process")] = True,
 ) -> None:
     """Embedded node: DICOM SCP + completion sweeps + workers + admin HTTP, in one process."""
+    from dicom_ai_node.api.app import create_app
+    from dicom_ai_node.api.server import start_http
     from dicom_ai_node.node import build_scheduler, build_services, build_workers, start_worker_threads
     from dicom_ai_node.receive.scp import StorageSCP
 
@@ -97,19 +99,26 @@ def serve(
     if dropped:
         log.info("removed %d unacknowledged partial files from the spool", dropped)
     stop = _wait_for_signal()
+
+    # Bind both listeners first: a busy port is one clear line and exit 1, not a half-started node.
     scp = StorageSCP(settings, services.spool, services.repo)
-    scp.start()
+    try:
+        scp.start()
+    except OSError as exc:
+        _fail_listen("DICOM", settings.dicom.bind, settings.dicom.port, exc)
+    server = None
+    if http:
+        info = {"version": __version__, "ae_title": settings.ae_title, "dicom_port": scp.port}
+        api = create_app(services.repo, services.queue, services.rules, info)
+        try:
+            server = start_http(api, settings.http.bind, settings.http.port)
+        except OSError as exc:
+            scp.stop()
+            _fail_listen("HTTP", settings.http.bind, settings.http.port, exc)
+
     scheduler = build_scheduler(services)
     scheduler.start()
     threads = start_worker_threads(build_workers(services, list(JobKind)), stop) if workers else []
-    server = None
-    if http:
-        from dicom_ai_node.api.app import create_app
-        from dicom_ai_node.api.server import start_http
-
-        info = {"version": __version__, "ae_title": settings.ae_title, "dicom_port": scp.port}
-        api = create_app(services.repo, services.queue, services.rules, info)
-        server = start_http(api, settings.http.bind, settings.http.port)
     log.info(
         "dicom-ai-node %s: AE %s on %s:%d, admin http://%s:%d/",
         __version__,
@@ -127,6 +136,11 @@ def serve(
     for t in threads:
         t.join(timeout=30)
     log.info("stopped")
+
+
+def _fail_listen(what: str, host: str, port: int, exc: OSError) -> NoReturn:
+    typer.echo(f"error: cannot listen for {what} on {host}:{port}: {exc.strerror or exc}", err=True)
+    raise typer.Exit(1) from exc
 
 
 @app.command()
