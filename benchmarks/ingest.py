@@ -10,10 +10,8 @@ The node persists durably (fsync file + dir + SQLite commit per instance); store
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,62 +19,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.support.dcmtk import storescp, storescu  # noqa: E402
 from tests.support.node import NodeProcess, free_port  # noqa: E402
 from tests.support.synthetic import write_ct_series  # noqa: E402
 
-ENV = dict(os.environ, TCP_NODELAY="1")
 
-
-def storescu(files_dir: Path, port: int, called: str) -> float:
+def timed_storescu(files_dir: Path, port: int, called: str) -> float:
+    """Seconds for storescu to send the folder (+sd scans it, -nh skips the file header check)."""
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            "storescu",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            called,
-            "+sd",
-            "-nh",
-            "127.0.0.1",
-            str(port),
-            str(files_dir),
-        ],
-        check=True,
-        env=ENV,
-        capture_output=True,
-    )
+    storescu([files_dir], called, port, "STORESCU", "+sd", "-nh")
     return time.perf_counter() - t0
 
 
-def wait_port(port: int, timeout: float = 20) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"port {port} not listening")
-
-
 def bench_storescp(files_dir: Path, work: Path) -> float:
-    port = free_port()
     out = work / "storescp-out"
-    out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_port(port)
-        return storescu(files_dir, port, "STORESCP")
+        with storescp(out, aet="STORESCP") as port:
+            return timed_storescu(files_dir, port, "STORESCP")
     finally:
-        proc.terminate()
-        proc.wait()
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -84,7 +44,7 @@ def bench_node(files_dir: Path, work: Path) -> float:
     node = NodeProcess(work / "node", pacs_aet="NOPACS", pacs_port=free_port(), serve_args=("--no-workers",))
     node.start()
     try:
-        return storescu(files_dir, node.dicom_port, node.ae_title)
+        return timed_storescu(files_dir, node.dicom_port, node.ae_title)
     finally:
         node.stop()
         shutil.rmtree(work / "node", ignore_errors=True)

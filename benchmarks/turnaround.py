@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.datasets import ch2_mr_series, lung_ct_series  # noqa: E402
+from tests.support.dcmtk import storescu  # noqa: E402
 from tests.support.node import NodeProcess, free_port  # noqa: E402
-from tests.support.orthanc import OrthancServer, storescu  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
 
 
 def ts(value: str) -> float:

@@ -8,21 +8,14 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 
+from dicom_ai_node.domain.rules import MATCHABLE_ATTRIBUTES
 from dicom_ai_node.errors import InvalidDicomError
 
-# Series-level attributes kept for routing (domain/rules.py MATCHABLE_ATTRIBUTES). None of them is PHI.
+# Header attributes kept per series: what rules can match on (minus the node facts CallingAETitle,
+# NumberOfInstances and the SOPClassUID stored in its own column), plus expected-count hints and the
+# series number. None of them is PHI.
 ROUTING_KEYWORDS: tuple[str, ...] = (
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "SliceThickness",
-    "ProtocolName",
-    "StudyDescription",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "ImageType",
-    "MagneticFieldStrength",
-    "ContrastBolusAgent",
+    *(k for k in MATCHABLE_ATTRIBUTES if k not in ("CallingAETitle", "NumberOfInstances", "SOPClassUID")),
     "ImagesInAcquisition",
     "NumberOfFrames",
     "SeriesNumber",

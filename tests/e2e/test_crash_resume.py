@@ -3,9 +3,6 @@ and the destination holds exactly one SEG and one SR (deterministic UIDs), with 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,26 +10,10 @@ import pytest
 from pydicom import dcmread
 
 from tests.support.datasets import ch2_mr_series
-from tests.support.node import NodeProcess, free_port
+from tests.support.dcmtk import storescp, storescu
+from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.e2e
-
-
-def _start_storescp(out: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        time.sleep(0.05)
-    raise TimeoutError("storescp did not start")
 
 
 def _wait(predicate, timeout_s: float, what: str, node: NodeProcess) -> object:  # type: ignore[no-untyped-def]
@@ -47,54 +28,41 @@ def _wait(predicate, timeout_s: float, what: str, node: NodeProcess) -> object: 
 
 def test_kill9_during_inference_then_restart_delivers_exactly_once(tmp_path: Path) -> None:
     received = tmp_path / "pacs"
-    received.mkdir()
-    storescp, pacs_port = _start_storescp(received)
     worker = {"lease_s": 6, "heartbeat_s": 2, "poll_interval_s": 0.2, "backoff_base_s": 1, "backoff_cap_s": 5}
-    node = NodeProcess(
-        tmp_path / "node", pacs_aet="PACS", pacs_port=pacs_port, quiet_period_s=1, extra={"worker": worker}
-    )
-    try:
-        node.start()
-        mr = ch2_mr_series(tmp_path / "mr")
-        env = dict(os.environ, TCP_NODELAY="1")
-        subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                "STORESCU",
-                "-aec",
-                "AINODE",
-                "127.0.0.1",
-                str(node.dicom_port),
-                *map(str, mr.paths),
-            ],
-            check=True,
-            env=env,
-            capture_output=True,
-            timeout=300,
+    with storescp(received) as pacs_port:
+        node = NodeProcess(
+            tmp_path / "node",
+            pacs_aet="PACS",
+            pacs_port=pacs_port,
+            quiet_period_s=1,
+            extra={"worker": worker},
         )
+        try:
+            node.start()
+            mr = ch2_mr_series(tmp_path / "mr")
+            storescu(list(mr.paths), node.ae_title, node.dicom_port)
 
-        def infer_running() -> bool:
-            return any(j["kind"] == "infer" and j["status"] == "running" for j in node.get_json("/api/jobs"))
+            def infer_running() -> bool:
+                return any(
+                    j["kind"] == "infer" and j["status"] == "running" for j in node.get_json("/api/jobs")
+                )
 
-        _wait(infer_running, 120, "the infer job to start", node)
-        node.kill9()  # no cleanup, no goodbye: the lease is left to expire
+            _wait(infer_running, 120, "the infer job to start", node)
+            node.kill9()  # no cleanup, no goodbye: the lease is left to expire
 
-        node.start()
+            node.start()
 
-        def all_done() -> bool:
-            jobs = node.get_json("/api/jobs")
-            return len(jobs) >= 2 and all(j["status"] == "succeeded" for j in jobs)
+            def all_done() -> bool:
+                jobs = node.get_json("/api/jobs")
+                return len(jobs) >= 2 and all(j["status"] == "succeeded" for j in jobs)
 
-        _wait(all_done, 240, "all jobs to succeed after the restart", node)
-        series = node.get_json(f"/api/series/{mr.series_instance_uid}")
-        assert series["instance_count"] == len(mr.paths)  # every acknowledged instance survived
-        infer = [j for j in node.get_json("/api/jobs") if j["kind"] == "infer"]
-        # Claimed once before the kill, once more after its lease expired and it was re-queued.
-        assert len(infer) == 1 and infer[0]["attempts"] == 2
-    finally:
-        node.stop()
-        storescp.terminate()
-        storescp.wait()
+            _wait(all_done, 240, "all jobs to succeed after the restart", node)
+            series = node.get_json(f"/api/series/{mr.series_instance_uid}")
+            assert series["instance_count"] == len(mr.paths)  # every acknowledged instance survived
+            infer = [j for j in node.get_json("/api/jobs") if j["kind"] == "infer"]
+            # Claimed once before the kill, once more after its lease expired and it was re-queued.
+            assert len(infer) == 1 and infer[0]["attempts"] == 2
+        finally:
+            node.stop()
     modalities = sorted(dcmread(f, stop_before_pixels=True).Modality for f in received.iterdir())
     assert modalities == ["SEG", "SR"], modalities

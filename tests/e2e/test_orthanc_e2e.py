@@ -20,8 +20,9 @@ from pydicom import dcmread
 from dicom_ai_node.infer.registry import default_registry
 from dicom_ai_node.infer.volume import load_series
 from tests.support.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
+from tests.support.dcmtk import storescu
 from tests.support.node import NodeProcess, free_port
-from tests.support.orthanc import OrthancServer, storescu
+from tests.support.orthanc import OrthancServer
 
 pytestmark = pytest.mark.e2e
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,33 +14,19 @@ from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_ai_node.node import build_services, build_workers
 from tests.conftest import free_port
+from tests.support.dcmtk import storescp
 from tests.support.synthetic import write_ct_series
 
 
 @pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
-    port = free_port()
+def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     out = tmp_path / "received"
-    out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "PACS", "-od", str(out), str(port)],
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    yield port, out
-    proc.terminate()
-    proc.wait()
+    with storescp(out) as port:
+        yield port, out
 
 
-def test_send_files_to_storescp(storescp: tuple[int, Path], tmp_path: Path) -> None:
-    port, out = storescp
+def test_send_files_to_storescp(pacs: tuple[int, Path], tmp_path: Path) -> None:
+    port, out = pacs
     files = write_ct_series(tmp_path / "ct", n_slices=5)
     seen: list[int] = []
     report = send_files(files, DicomPeer("PACS", "127.0.0.1", port), lambda _p, n: seen.append(n))
@@ -111,8 +93,8 @@ def test_deliver_job_retries_with_backoff_then_dead_letter_then_replay(node_sett
     assert services.queue.get(job_id).status == JobStatus.QUEUED
 
 
-def test_deliver_job_succeeds_against_a_real_peer(node_settings, tmp_path: Path, storescp) -> None:  # type: ignore[no-untyped-def]
-    port, out = storescp
+def test_deliver_job_succeeds_against_a_real_peer(node_settings, tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    port, out = pacs
     services, worker, job_id = _deliver_job(node_settings, tmp_path, port)
     worker.run_one()
     job = services.queue.get(job_id)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,18 +12,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from tests.support.dcmtk import storescu
 from tests.support.synthetic import write_ct_series
 
 
-def _storescu(files: list[Path], port: int, calling: str = "STORESCU") -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, TCP_NODELAY="1")
-    return subprocess.run(
-        ["storescu", "-aet", calling, "-aec", "AINODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+def _storescu(files: list[Path], port: int, calling: str = "STORESCU") -> None:
+    storescu(files, "AINODE", port, calling)
 
 
 def _assoc(port: int, calling: str = "TESTSCU"):  # type: ignore[no-untyped-def]
@@ -37,8 +29,7 @@ def _assoc(port: int, calling: str = "TESTSCU"):  # type: ignore[no-untyped-def]
 
 def test_storescu_series_is_persisted_with_files_and_rows(running_scp, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", n_slices=8)
-    proc = _storescu(files, running_scp.port)
-    assert proc.returncode == 0, proc.stderr
+    _storescu(files, running_scp.port)
     services = running_scp.services
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     row = services.repo.get_series(series_uid)
@@ -57,8 +48,8 @@ def test_storescu_series_is_persisted_with_files_and_rows(running_scp, tmp_path:
 
 def test_duplicate_instance_is_stored_once(running_scp, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", n_slices=3)
-    assert _storescu(files, running_scp.port).returncode == 0
-    assert _storescu(files[:1], running_scp.port).returncode == 0  # answered Success again
+    _storescu(files, running_scp.port)
+    _storescu(files[:1], running_scp.port)  # answered Success again
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     assert running_scp.services.repo.get_series(series_uid).instance_count == 3
     spooled = list((running_scp.services.spool.root / "instances").rglob("*.dcm"))
@@ -107,7 +98,7 @@ def test_corrupt_dataset_gets_failure_status_and_node_keeps_serving(
     # Nothing half-stored, and the node still serves.
     assert running_scp.services.repo.instances_of_series("1.2.3") == []
     files = write_ct_series(tmp_path / "ct", n_slices=2)
-    assert _storescu(files, running_scp.port).returncode == 0
+    _storescu(files, running_scp.port)
 
 
 def test_missing_series_uid_is_refused_with_a900(running_scp, tmp_path: Path) -> None:

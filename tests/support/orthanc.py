@@ -142,16 +142,3 @@ def wait_for(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what or predicate}")
         time.sleep(interval_s)
-
-
-def storescu(files: list[Path], aet_called: str, port: int, calling_aet: str = "STORESCU") -> None:
-    """DCMTK storescu with TCP_NODELAY=1 (Debian's DCMTK leaves Nagle on: ~45 ms per instance otherwise)."""
-    proc = subprocess.run(
-        ["storescu", "-aet", calling_aet, "-aec", aet_called, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TCP_NODELAY="1"),
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"storescu failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
