@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from dicom_ai_node.config import AllowedPeer, NodeSettings
+from dicom_ai_node.persistence.db import create_schema, make_engine
+
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def free_port() -> int:
@@ -50,3 +56,46 @@ def running_scp(node_settings: NodeSettings) -> Iterator[object]:
         yield scp
     finally:
         scp.stop()
+
+
+def _admin_engine() -> sa.Engine:
+    url = os.environ.get("AINODE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    return sa.create_engine(
+        make_engine(url).url,  # same URL normalisation as the node (postgresql:// -> psycopg)
+        isolation_level="AUTOCOMMIT",  # CREATE/DROP DATABASE cannot run in a transaction
+        connect_args={"connect_timeout": 5},
+        poolclass=sa.pool.NullPool,
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    admin = _admin_engine()
+    unreachable = ""
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        unreachable = (
+            f"PostgreSQL at {admin.url.render_as_string(hide_password=True)} unreachable: {exc.orig}"
+        )
+    if unreachable:
+        if os.environ.get("AINODE_SKIP_POSTGRES") == "1":
+            pytest.skip(unreachable)
+        pytest.fail(
+            f"{unreachable}\nStart PostgreSQL or set AINODE_SKIP_POSTGRES=1 to skip these tests.",
+            pytrace=False,
+        )
+    name = f"ainode_test_{secrets.token_hex(6)}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    create_schema(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
