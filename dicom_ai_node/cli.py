@@ -296,6 +296,19 @@ def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
     typer.echo(f"job {job_id} re-queued")
 
 
+@jobs_app.command("rerun")
+def jobs_rerun(job_id: int, config: ConfigOption = None) -> None:
+    """Run a finished job again (same UIDs: its results replace, not duplicate, in the PACS)."""
+    from dicom_ai_node.node import build_services
+
+    services = build_services(_settings(config))
+    new_id = services.queue.rerun(job_id)
+    if new_id is None:
+        typer.echo(f"error: job {job_id} has not finished (or does not exist)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"job {job_id} re-run as job {new_id}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Built-in models."""

@@ -90,6 +90,13 @@ def create_app(
             raise HTTPException(409, f"job {job_id} is not dead or failed")
         return {"job_id": job_id, "status": "queued"}
 
+    @app.post("/api/jobs/{job_id}/rerun")
+    def rerun_job(job_id: int) -> dict[str, Any]:
+        new_id = queue.rerun(job_id)
+        if new_id is None:
+            raise HTTPException(409, f"job {job_id} has not finished (or does not exist)")
+        return {"job_id": new_id, "rerun_of": job_id, "status": "queued"}
+
     @app.get("/api/series")
     def list_series(status: str | None = None, limit: int = Query(100, le=1000)) -> list[dict[str, Any]]:
         return [series_public(s) for s in repo.list_series(limit=limit, status=status)]

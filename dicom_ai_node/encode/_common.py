@@ -48,9 +48,13 @@ def rule_parameters(rule: RuleIdentity) -> dict[str, str]:
     return {"rule_id": rule.rule_id, "rule_version": str(rule.rule_version)}
 
 
-def series_description(prefix: str, model: ModelIdentity) -> str:
-    """SeriesDescription of a result series (LO: at most 64 characters)."""
-    return f"{prefix} {model.name}"[:LONG_STRING_MAX]
+def series_description(prefix: str, model: ModelIdentity, revision: int = 1) -> str:
+    """SeriesDescription of a result series (LO: at most 64 characters).
+
+    A revision (results re-made after late images) says so, so a reader sees which series supersedes which.
+    """
+    suffix = f" rev {revision}" if revision > 1 else ""
+    return f"{prefix} {model.name}"[: LONG_STRING_MAX - len(suffix)] + suffix
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ def encode_seg(
     uids: ResultUids,
     *,
     omit_empty_frames: bool = True,
+    revision: int = 1,
 ) -> Dataset | None:
     """Encode `label_map` (frames, rows, cols; 0 = background) as a BINARY SEG of the source series.
 
@@ -136,7 +137,9 @@ def encode_seg(
                 content_creator_name=None,
                 transfer_syntax_uid=ExplicitVRLittleEndian,
                 omit_empty_frames=omit_empty_frames,
-                series_description=series_description(identity.seg_series_description_prefix, model),
+                series_description=series_description(
+                    identity.seg_series_description_prefix, model, revision
+                ),
                 institution_name=identity.institution_name or None,
             )
     except (ValueError, TypeError, AttributeError) as exc:

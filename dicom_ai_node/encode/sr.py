@@ -69,6 +69,8 @@ def encode_sr(
     uids: ResultUids,
     *,
     segments: Sequence[SegmentSpec] | None = None,
+    revision: int = 1,
+    predecessor: Dataset | None = None,
 ) -> Dataset:
     """Encode the measurements of one segmentation result as a Comprehensive SR (TID 1500).
 
@@ -77,6 +79,8 @@ def encode_sr(
     `segments` (the model's segment list; recommended) supplies the label and codes of each measured
     label value. Without it, found segments take them from the SEG, and not-found segments are
     reported by label only (there is no SEG item to take codes from).
+    `revision` > 1 marks results re-made after late images; `predecessor` is the SR they supersede,
+    referenced in the Predecessor Documents Sequence (PS3.3 C.17.2.3), never overwritten.
     """
     if not source_datasets:
         raise EncodeError("no source datasets")
@@ -168,7 +172,8 @@ def encode_sr(
                 manufacturer_model_name=identity.manufacturer_model_name,
                 software_versions=identity.software_versions,
                 device_serial_number=identity.device_serial_number,
-                series_description=series_description(identity.sr_series_description_prefix, model),
+                series_description=series_description(identity.sr_series_description_prefix, model, revision),
+                previous_versions=[predecessor] if predecessor is not None else None,
                 # Complete, but an unverified AI result: preliminary until a physician signs it off.
                 is_complete=True,
                 is_final=False,

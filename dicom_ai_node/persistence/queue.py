@@ -283,6 +283,24 @@ class JobQueue:
         with self._engine.begin() as conn:
             return conn.execute(stmt).rowcount == 1
 
+    def rerun(self, job_id: int) -> int | None:
+        """Admin re-run of a finished (SUCCEEDED or DEAD) job: a new job with the same kind and payload.
+
+        The original stays as it was (its history is the audit trail). Results use deterministic UIDs,
+        so re-running an infer job replaces its objects in the PACS instead of adding a result series.
+        Returns the new job's id, or None when the job does not exist or has not finished.
+        """
+        job = self.get(job_id)
+        if job is None or job.status not in (JobStatus.SUCCEEDED, JobStatus.DEAD):
+            return None
+        return self.enqueue(
+            job.kind,
+            {**job.payload, "rerun_of": job.id},
+            priority=job.priority,
+            lock_key=job.lock_key,
+            max_attempts=job.max_attempts,
+        )
+
     def get(self, job_id: int) -> Job | None:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().one_or_none()

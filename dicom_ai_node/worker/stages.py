@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.deliver.dimse import DicomPeer, send_files
 from dicom_ai_node.domain.jobs import JobKind
-from dicom_ai_node.domain.results import RuleIdentity
+from dicom_ai_node.domain.results import ModelIdentity, RuleIdentity
 from dicom_ai_node.encode.measure import measure
 from dicom_ai_node.encode.seg import encode_seg
 from dicom_ai_node.encode.sr import encode_sr
@@ -69,11 +69,25 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
     identity = ctx.settings.identity.output_identity(ctx.software_version)
     # Same series + model version + rule version + generation -> the same UIDs: a re-run job replaces
     # its objects in the PACS instead of adding a second result series.
-    uids = result_uids(series_uid, model.identity, rule, revision=int(p.get("generation", 1)))
+    # A late instance re-opens the series as a new generation: its results are a new revision with new
+    # UIDs, and the SR names the one it supersedes (never a silent overwrite).
+    revision = int(p.get("generation", 1))
+    uids = result_uids(series_uid, model.identity, rule, revision=revision)
     measurements = measure(label_map, model.segments, voxel_volume_mm3(volume))
-    seg = encode_seg(volume.datasets, label_map, model.segments, model.identity, rule, identity, uids)
+    seg = encode_seg(
+        volume.datasets, label_map, model.segments, model.identity, rule, identity, uids, revision=revision
+    )
     sr = encode_sr(
-        volume.datasets, seg, measurements, model.identity, rule, identity, uids, segments=model.segments
+        volume.datasets,
+        seg,
+        measurements,
+        model.identity,
+        rule,
+        identity,
+        uids,
+        segments=model.segments,
+        revision=revision,
+        predecessor=_predecessor_sr(ctx, series_uid, model.identity, rule, revision),
     )
     timings["encode_s"] = time.perf_counter() - t
 
@@ -130,6 +144,21 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         "volumes_cm3": found,
         "timings": timings,
     }
+
+
+def _predecessor_sr(
+    ctx: StageContext, series_uid: str, model: ModelIdentity, rule: RuleIdentity, revision: int
+) -> Dataset | None:
+    """The newest earlier revision's SR of the same (series, model, rule), if this node made one.
+
+    Found through the deterministic UIDs of the earlier revisions, so no extra bookkeeping is needed.
+    """
+    stored = {r.sop_instance_uid: r for r in ctx.repo.results_of_series(series_uid) if r.kind == "SR"}
+    for earlier in range(revision - 1, 0, -1):
+        row = stored.get(result_uids(series_uid, model, rule, revision=earlier).sr_sop_instance_uid)
+        if row is not None:
+            return dcmread(ctx.spool.path(row.spool_path), stop_before_pixels=True)
+    return None
 
 
 def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
