@@ -69,18 +69,37 @@ class HttpSettings(_Strict):
 
 
 class Destination(_Strict):
-    """Where results are sent. Only type `dicom` (C-STORE SCU) exists so far."""
+    """Where results are sent: `dicom` (C-STORE SCU to ae_title@host:port) or `dicomweb` (STOW-RS to url)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    type: Literal["dicom"] = "dicom"
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    # type dicom
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
     calling_ae_title: str | None = None
     max_pdu: int = Field(131072, ge=0)
-    timeout_s: float = 60
+    # type dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    timeout_s: float = Field(60, gt=0)
+    # After sending, ask the destination (C-FIND / QIDO-RS) whether it now holds every object; a job is
+    # "delivered, verified" only then, and is retried when the read-back misses something.
+    verify: bool = True
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> Destination:
+        if self.type == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dicom destination needs {', '.join(missing)}")
+        elif self.url is None:
+            raise ValueError("a dicomweb destination needs url")
+        return self
 
 
 class WorkerSettings(_Strict):

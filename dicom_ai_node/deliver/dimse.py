@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom import Dataset, dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -23,7 +23,11 @@ from dicom_ai_node.receive.conformance import VERIFICATION_SOP_CLASS
 
 log = logging.getLogger(__name__)
 
-MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
+MAX_CONTEXTS = 128
+# Study Root Query/Retrieve Information Model - FIND (PS3.4 C.6.2), for read-back verification.
+STUDY_ROOT_FIND = UID(
+    "1.2.840.10008.5.1.4.1.2.2.1"
+)  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
 
 
 @dataclass(frozen=True)
@@ -163,3 +167,28 @@ def _store_one(assoc: object, path: Path, peer: DicomPeer, report: StoreReport) 
     if _is_transient_status(code):
         raise TransientDeliveryError(message)
     raise PermanentDeliveryError(message)
+
+
+def find_sop_instances(peer: DicomPeer, study_instance_uid: str, series_instance_uid: str) -> set[str]:
+    """C-FIND (Study Root, IMAGE level): the SOP Instance UIDs the peer holds in one series."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_instance_uid
+    query.SeriesInstanceUID = series_instance_uid
+    query.SOPInstanceUID = ""
+    ae = _build_ae(peer)
+    assoc = _associate(ae, peer, [build_context(STUDY_ROOT_FIND)])
+    found: set[str] = set()
+    try:
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):  # type: ignore[attr-defined]
+            if not status:
+                raise TransientDeliveryError(f"no C-FIND response from {peer.ae_title} (timeout or abort)")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                found.add(str(identifier.SOPInstanceUID))
+            elif code != 0x0000:
+                raise PermanentDeliveryError(f"{peer.ae_title} answered C-FIND with 0x{code:04X}")
+    finally:
+        if assoc.is_established:  # type: ignore[attr-defined]
+            assoc.release()  # type: ignore[attr-defined]
+    return found

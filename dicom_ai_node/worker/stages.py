@@ -18,14 +18,14 @@ from typing import Any, Literal
 from pydicom import Dataset, dcmread
 
 from dicom_ai_node.config import NodeSettings
-from dicom_ai_node.deliver.dimse import DicomPeer, send_files
+from dicom_ai_node.deliver.registry import deliverer_for
 from dicom_ai_node.domain.jobs import JobKind
 from dicom_ai_node.domain.results import ModelIdentity, RuleIdentity
 from dicom_ai_node.encode.measure import measure
 from dicom_ai_node.encode.seg import encode_seg
 from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import result_uids
-from dicom_ai_node.errors import InferenceError
+from dicom_ai_node.errors import InferenceError, TransientDeliveryError
 from dicom_ai_node.infer.registry import ModelRegistry
 from dicom_ai_node.infer.volume import load_series, voxel_volume_mm3
 from dicom_ai_node.persistence.queue import Job, JobQueue
@@ -162,19 +162,46 @@ def _predecessor_sr(
 
 
 def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
-    p = job.payload
-    dest = ctx.settings.destination(p["destination"])
-    peer = DicomPeer(
-        ae_title=dest.ae_title,
-        host=dest.host,
-        port=dest.port,
-        calling_ae_title=dest.calling_ae_title or ctx.settings.ae_title,
-        max_pdu=dest.max_pdu,
-        timeout_s=dest.timeout_s,
-    )
-    paths: list[Path] = [ctx.spool.path(rel) for rel in p["files"]]
+    """Send the result files, then (destination.verify) read back that the destination holds them all.
+
+    A read-back that misses an object is transient: the job is retried and re-sends the same UIDs.
+    """
+    dest = ctx.settings.destination(job.payload["destination"])
+    deliverer = deliverer_for(dest, ctx.settings.ae_title)
+    paths: list[Path] = [ctx.spool.path(rel) for rel in job.payload["files"]]
     t0 = time.perf_counter()
-    report = send_files(paths, peer)
+    report = deliverer.send(paths)
     elapsed = time.perf_counter() - t0
-    log.info("deliver job %d: %d objects to %s in %.2f s", job.id, len(report.sent), dest.name, elapsed)
-    return {"destination": dest.name, "sent": report.sent, "warnings": report.warnings, "send_s": elapsed}
+    verified = False
+    if dest.verify:
+        headers = [dcmread(p, stop_before_pixels=True, specific_tags=_UID_TAGS) for p in paths]
+        expected: dict[tuple[str, str], set[str]] = {}
+        for ds in headers:
+            key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+            expected.setdefault(key, set()).add(str(ds.SOPInstanceUID))
+        for (study_uid, series_uid), sop_uids in expected.items():
+            missing = sop_uids - deliverer.held(study_uid, series_uid)
+            if missing:
+                raise TransientDeliveryError(
+                    f"read-back: {dest.name} does not hold {len(missing)} of the {len(sop_uids)} objects "
+                    f"sent in series {series_uid}"
+                )
+        verified = True
+    log.info(
+        "deliver job %d: %d objects to %s in %.2f s%s",
+        job.id,
+        len(report.sent),
+        dest.name,
+        elapsed,
+        ", verified" if verified else "",
+    )
+    return {
+        "destination": dest.name,
+        "sent": report.sent,
+        "warnings": report.warnings,
+        "send_s": elapsed,
+        "verified": verified,
+    }
+
+
+_UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]

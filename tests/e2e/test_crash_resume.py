@@ -36,6 +36,7 @@ def test_kill9_during_inference_then_restart_delivers_exactly_once(tmp_path: Pat
             pacs_port=pacs_port,
             quiet_period_s=1,
             extra={"worker": worker},
+            pacs_verify=False,  # storescp has no C-FIND
         )
         try:
             node.start()

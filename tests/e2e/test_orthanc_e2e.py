@@ -146,6 +146,9 @@ def test_all_jobs_succeeded(e2e, key: str) -> None:  # type: ignore[no-untyped-d
     ]
     assert {j["kind"] for j in jobs} == {"infer", "deliver"}
     assert all(j["status"] == "succeeded" for j in jobs), jobs
+    # Read-back: the node asked Orthanc (C-FIND) and Orthanc holds every object: "delivered, verified".
+    [deliver] = [j for j in jobs if j["kind"] == "deliver"]
+    assert deliver["result"]["verified"] is True
 
 
 @pytest.mark.parametrize("key", ["mr", "ct"])

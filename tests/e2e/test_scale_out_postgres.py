@@ -28,6 +28,7 @@ def test_receiver_and_separate_worker_on_postgresql(tmp_path: Path, postgres_url
             database_url=postgres_url,
             quiet_period_s=1,
             serve_args=("--no-workers",),
+            pacs_verify=False,  # storescp has no C-FIND
         )
         worker_log = open(tmp_path / "worker.log", "wb")
         worker = None

@@ -59,6 +59,7 @@ def _deliver_job(node_settings, tmp_path: Path, port: int, calling: str = "TESTS
                     port=port,
                     calling_ae_title=calling,
                     timeout_s=5,
+                    verify=False,  # storescp has no C-FIND
                 )
             ],
         }

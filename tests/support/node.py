@@ -39,6 +39,7 @@ class NodeProcess:
         quiet_period_s: float = 2,
         extra: dict[str, Any] | None = None,
         serve_args: tuple[str, ...] = (),
+        pacs_verify: bool = True,
     ) -> None:
         self.serve_args = serve_args
         self.workdir = Path(workdir)
@@ -69,6 +70,8 @@ class NodeProcess:
                     "ae_title": pacs_aet,
                     "host": "127.0.0.1",
                     "port": pacs_port,
+                    # A bare storescp has no C-FIND: tests that use one turn the read-back off.
+                    "verify": pacs_verify,
                 }
             ],
             "worker": {

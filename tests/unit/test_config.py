@@ -37,10 +37,10 @@ def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch) -> None:
             "dicom:\n  allowed_peers:\n    - ae_title: PACS\n      hosts: [not-an-ip]\n",
             "dicom.allowed_peers.0.hosts",
         ),
-        (
-            "destinations:\n  - name: pacs\n    ae_title: ORTHANC\n    host: 127.0.0.1\n",
-            "destinations.0.port",
-        ),
+        # A dicom destination without a port; a dicomweb one without or with a bad url.
+        ("destinations:\n  - name: pacs\n    ae_title: ORTHANC\n    host: 127.0.0.1\n", "destinations.0"),
+        ("destinations:\n  - name: web\n    type: dicomweb\n", "destinations.0"),
+        ("destinations:\n  - name: web\n    type: dicomweb\n    url: ftp://x\n", "destinations.0.url"),
         ("unknown_key: 1\n", "unknown_key"),
         ("worker:\n  lease_s: 10\n  heartbeat_s: 10\n", "worker"),
     ],
