@@ -110,16 +110,52 @@ class OrthancServer:
     def get_json(self, path: str) -> Any:
         return json.loads(self.request(path))
 
+    def _lookup(self, uid: str, resource_type: str) -> str | None:
+        hits = json.loads(self.request("/tools/lookup", uid.encode()))
+        return next((h["ID"] for h in hits if h["Type"] == resource_type), None)
+
     def find_study(self, study_instance_uid: str) -> str | None:
         """Orthanc's id of a study, by Study Instance UID (via /tools/lookup)."""
-        hits = json.loads(self.request("/tools/lookup", study_instance_uid.encode()))
-        return next((h["ID"] for h in hits if h["Type"] == "Study"), None)
+        return self._lookup(study_instance_uid, "Study")
+
+    def find_series(self, series_instance_uid: str) -> str | None:
+        """Orthanc's id of a series, by Series Instance UID (via /tools/lookup)."""
+        return self._lookup(series_instance_uid, "Series")
+
+    def studies(self) -> list[str]:
+        """Orthanc ids of all studies."""
+        return list(self.get_json("/studies"))
+
+    def series_of_study(self, orthanc_study_id: str) -> list[dict[str, Any]]:
+        """Orthanc's /series JSON (MainDicomTags, Instances, IsStable...) of each series in the study."""
+        return list(self.get_json(f"/studies/{orthanc_study_id}/series"))
+
+    def instance_metadata(self, instance_id: str) -> dict[str, str]:
+        """Instance metadata, e.g. RemoteAET (the calling AE that stored it; empty after STOW-RS)."""
+        return dict(self.get_json(f"/instances/{instance_id}/metadata?expand"))
+
+    def lua_log_lines(self) -> list[str]:
+        """What the Lua scripts printed (Orthanc logs them as ``Lua says: ...``), oldest first."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [line.split("Lua says: ", 1)[1] for line in lines if "Lua says: " in line]
+
+    def wait_for(
+        self, predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.2, what: str = ""
+    ) -> T:
+        """Module `wait_for`, with Orthanc's log tail in the TimeoutError (where the reason usually is)."""
+        try:
+            return wait_for(predicate, timeout_s, interval_s, what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; Orthanc log tail:\n{self.log_tail()}") from None
 
     def series_by_modality(self, study_instance_uid: str, modality: str) -> list[dict[str, Any]]:
         study = self.find_study(study_instance_uid)
         if study is None:
             return []
-        series = self.get_json(f"/studies/{study}/series")
+        series = self.series_of_study(study)
         return [s for s in series if s["MainDicomTags"].get("Modality") == modality]
 
     def download_instance(self, instance_id: str, dest: Path) -> Path:
