@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicom_ai_node.errors import InvalidDicomError, PermanentError
 from dicom_ai_node.infer.volume import load_series, mask_from_nifti_grid, to_nifti_ras, voxel_volume_mm3
@@ -37,8 +38,9 @@ def test_sorted_along_the_normal_whatever_the_file_order(tmp_path: Path) -> None
     assert "PixelData" not in volume.datasets[0]  # headers only
 
 
-def test_rescale_gives_hounsfield_units(tmp_path: Path) -> None:
-    paths = write_ct_series(tmp_path / "ct", n_slices=6, rescale_slope=2.0, rescale_intercept=-2048.0)
+@pytest.mark.parametrize(("slope", "intercept"), [(2.0, -2048.0), (-1.0, 1000.0)])
+def test_rescale_gives_hounsfield_units(tmp_path: Path, slope: float, intercept: float) -> None:
+    paths = write_ct_series(tmp_path / "ct", n_slices=6, rescale_slope=slope, rescale_intercept=intercept)
     volume = load_series(paths)
     np.testing.assert_allclose(volume.array, ct_phantom_hu(6, 64, 64), atol=1.0)
     assert volume.modality == "CT"
@@ -68,6 +70,52 @@ def test_oblique_orientation(tmp_path: Path) -> None:
         str(dcmread(p).SOPInstanceUID) for p in paths
     ]
     np.testing.assert_allclose(volume.affine_lps[:3, 0] / np.linalg.norm(volume.affine_lps[:3, 0]), iop[:3])
+
+
+def test_double_oblique_affine_maps_every_frame_to_its_position(tmp_path: Path) -> None:
+    """Rotated about two axes, so the slice normal is along no patient axis and sorting needs the normal."""
+    rotation = _rotation_x(35) @ _rotation_z(-25)
+    iop = (*rotation[:, 0], *rotation[:, 1])
+    paths = write_ct_series(tmp_path / "ct", n_slices=6, image_orientation_patient=iop, slice_thickness=3.0)
+    volume = load_series(_shuffled(paths, tmp_path))
+    for k, path in enumerate(volume.paths):
+        ds = dcmread(path)
+        assert ds.SOPInstanceUID == volume.datasets[k].SOPInstanceUID  # paths, headers, frames agree
+        position = [float(v) for v in ds.ImagePositionPatient]
+        np.testing.assert_allclose((volume.affine_lps @ [0, 0, k, 1])[:3], position, atol=1e-3)
+    assert volume.spacing[0] == pytest.approx(3.0, abs=1e-3)
+    assert voxel_volume_mm3(volume) == pytest.approx(3.0 * 0.8 * 0.8, rel=1e-4)
+
+
+def _rotation_x(degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def _rotation_z(degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("transfer_syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless])
+def test_compressed_instances_decode_to_the_same_volume(tmp_path: Path, transfer_syntax: UID) -> None:
+    paths = write_ct_series(tmp_path / "ct", n_slices=3)
+    reference = load_series(paths).array
+    for p in paths:
+        ds = dcmread(p)
+        ds.compress(transfer_syntax)
+        ds.save_as(p)
+    np.testing.assert_array_equal(load_series(paths).array, reference)
+
+
+def test_multi_frame_instance_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = write_ct_series(tmp_path / "ct", n_slices=1)[0]
+    ds = dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(path)
+    with pytest.raises(InvalidDicomError, match="multi-frame"):
+        load_series([path])
 
 
 def test_monochrome1_is_inverted(tmp_path: Path) -> None:

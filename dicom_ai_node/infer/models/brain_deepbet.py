@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,14 @@ class DeepbetBrainModel:
                 raise InferenceError(f"deepbet weights missing at {path}: reinstall the deepbet wheel")
         self.weights_sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
         # no_gpu=False lets deepbet pick its own accelerator (CUDA/MPS) when the caller asked for one.
-        self._bet = BrainExtraction(
-            no_gpu=not device.startswith("cuda"),
-            model_path=str(model_path),
-            bbox_model_path=str(bbox_model_path),
-        )
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates torch.jit.load, which deepbet uses for its TorchScript weights.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+            self._bet = BrainExtraction(
+                no_gpu=not device.startswith("cuda"),
+                model_path=str(model_path),
+                bbox_model_path=str(bbox_model_path),
+            )
         self._lock = threading.Lock()
         self.device = device
         self.identity = ModelIdentity(

@@ -52,6 +52,8 @@ _TRACHEA_MAX_AREA_MM2 = 700.0
 _TRACHEA_MIN_AREA_MM2 = 30.0
 _TRACHEA_MAX_MIDLINE_MM = 30.0
 _TRACHEA_SEED_DEPTH_MM = 40.0
+# Largest in-plane hole in a lung that is a vessel (filled); larger ones are the diaphragm dome.
+_MAX_VESSEL_HOLE_MM2 = 1000.0
 # Splitting one merged component: the cut plane must be a narrow bridge.
 _MAX_BRIDGE_FRACTION = 0.15
 _MIN_SPLIT_SIDE_FRACTION = 0.15
@@ -105,7 +107,7 @@ def _segment_canonical(hu: np.ndarray, voxel_mm: np.ndarray) -> tuple[list[np.nd
     body = _largest_component(hu > _BODY_HU)
     if not body.any():
         return [], np.zeros(3)
-    body_centre = np.argwhere(body).mean(axis=0)
+    body_centre = _centre_of_mass(body)
     body_filled = _fill_per_slice(body)
     air = (hu < _AIR_HU) & body_filled
     air &= ~_touching_in_plane_border(air)
@@ -114,8 +116,7 @@ def _segment_canonical(hu: np.ndarray, voxel_mm: np.ndarray) -> tuple[list[np.nd
     components, count = cc3d.connected_components(air, connectivity=6, return_N=True)
     if count == 0:
         return [], body_centre
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
+    sizes = _voxel_counts(components)
     order = [int(i) for i in np.argsort(sizes)[::-1] if sizes[i] * voxel_ml >= _MIN_LUNG_ML]
     if not order:
         return [], body_centre
@@ -127,16 +128,19 @@ def _segment_canonical(hu: np.ndarray, voxel_mm: np.ndarray) -> tuple[list[np.nd
         lungs = [largest]
         if len(order) > 1 and sizes[order[1]] >= _MIN_SECOND_LUNG_FRACTION * sizes[order[0]]:
             lungs.append(components == order[1])
-    return [_tidy(lung) for lung in lungs], body_centre
+    pixel_mm2 = float(voxel_mm[0] * voxel_mm[1])
+    return [_tidy(lung, pixel_mm2) for lung in lungs], body_centre
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    components = cc3d.connected_components(mask, connectivity=6)
-    sizes = np.bincount(components.ravel())
-    if len(sizes) < 2:
-        return np.zeros_like(mask, dtype=bool)
+    return np.asarray(cc3d.largest_k(mask, k=1, connectivity=6, binary_image=True), dtype=bool)
+
+
+def _voxel_counts(components: np.ndarray) -> np.ndarray:
+    """Voxels per component label (index = label; background count set to 0)."""
+    sizes = np.asarray(cc3d.statistics(components, no_slice_conversion=True)["voxel_counts"], dtype=np.int64)
     sizes[0] = 0
-    return np.asarray(components == int(sizes.argmax()))
+    return sizes
 
 
 def _fill_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -148,12 +152,12 @@ def _fill_per_slice(mask: np.ndarray) -> np.ndarray:
 
 def _touching_in_plane_border(mask: np.ndarray) -> np.ndarray:
     """Components of `mask` that reach the x/y edges (air outside the body leaking in)."""
-    components = cc3d.connected_components(mask, connectivity=6)
-    edge = np.concatenate(
-        [components[0].ravel(), components[-1].ravel(), components[:, 0].ravel(), components[:, -1].ravel()]
-    )
-    edge_labels = np.unique(edge[edge != 0])
-    return np.isin(components, edge_labels)
+    components, count = cc3d.connected_components(mask, connectivity=6, return_N=True)
+    touching = np.zeros(count + 1, dtype=bool)
+    for edge in (components[0], components[-1], components[:, 0], components[:, -1]):
+        touching[np.unique(edge)] = True
+    touching[0] = False
+    return touching[components]
 
 
 def _trachea(air: np.ndarray, body: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
@@ -172,7 +176,7 @@ def _trachea(air: np.ndarray, body: np.ndarray, voxel_mm: np.ndarray) -> np.ndar
             if previous is not None:
                 break
             continue
-        areas = np.bincount(slice_labels.ravel()) * pixel_mm2
+        areas = np.bincount(slice_labels.ravel(order="K")) * pixel_mm2
         if previous is None:
             if z < top - seed_depth:
                 break
@@ -226,10 +230,51 @@ def _split_at_midline(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return _largest_component(first), _largest_component(second)
 
 
-def _tidy(lung: np.ndarray) -> np.ndarray:
-    """Light closing in-plane (smooths the pleural edge), then fill vessels per axial slice."""
-    closed = ndi.binary_closing(lung, structure=np.ones((3, 3, 1), dtype=bool))
-    return _fill_per_slice(_largest_component(closed | lung))
+def _tidy(lung: np.ndarray, pixel_mm2: float) -> np.ndarray:
+    """Light in-plane closing (smooths the pleural edge), then fill vessels per axial slice.
+
+    Only holes up to _MAX_VESSEL_HOLE_MM2 are filled: a larger in-plane hole is the top of the
+    diaphragm dome (liver or spleen) seen through the lung base, which is not lung.
+    """
+    tidy = np.zeros_like(lung, dtype=bool)
+    box = _bounding_box(lung, pad=2)
+    if box is None:
+        return tidy
+    crop = lung[box]
+    closed = ndi.binary_closing(crop, structure=np.ones((3, 3, 1), dtype=bool)) | crop
+    closed = _largest_component(closed)
+    max_hole_pixels = _MAX_VESSEL_HOLE_MM2 / pixel_mm2
+    for z in range(closed.shape[2]):
+        plane = np.ascontiguousarray(closed[:, :, z])
+        holes, count = ndi.label(fill_voids.fill(plane) & ~plane)
+        if count:
+            sizes = np.bincount(holes.ravel(order="K"))
+            small = sizes <= max_hole_pixels
+            small[0] = False
+            plane |= small[holes]
+        closed[:, :, z] = plane
+    tidy[box] = closed
+    return tidy
+
+
+def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, slice, slice] | None:
+    box = []
+    for axis, size in enumerate(mask.shape):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        occupied = np.flatnonzero(mask.any(axis=others))
+        if len(occupied) == 0:
+            return None
+        box.append(slice(max(0, int(occupied[0]) - pad), min(size, int(occupied[-1]) + 1 + pad)))
+    return box[0], box[1], box[2]
+
+
+def _centre_of_mass(mask: np.ndarray) -> np.ndarray:
+    """Mean voxel index of a mask (computed on its bounding box: masks are small next to the volume)."""
+    box = _bounding_box(mask, pad=0)
+    if box is None:
+        return (np.array(mask.shape, dtype=np.float64) - 1) / 2.0
+    offset = np.array([axis.start for axis in box], dtype=np.float64)
+    return offset + np.array(ndi.center_of_mass(mask[box]), dtype=np.float64)
 
 
 def _lps_x(canonical_affine: np.ndarray, index: np.ndarray) -> float:
@@ -241,7 +286,7 @@ def _label_right_left(
 ) -> np.ndarray:
     """Label by LPS x (patient left = +x): the lung with the smaller mean x is the right lung."""
     labels = np.zeros(lungs[0].shape, dtype=np.uint8)
-    mean_x = [_lps_x(canonical_affine, np.argwhere(lung).mean(axis=0)) for lung in lungs]
+    mean_x = [_lps_x(canonical_affine, _centre_of_mass(lung)) for lung in lungs]
     if len(lungs) == 2:
         right, left = (0, 1) if mean_x[0] < mean_x[1] else (1, 0)
         labels[lungs[left]] = LEFT_LUNG_LABEL
