@@ -82,6 +82,11 @@ class Destination(_Strict):
     # type dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
     url: str | None = Field(default=None, pattern=r"^https?://")
     timeout_s: float = Field(60, gt=0)
+    # SEG encoding for this destination (notes/seg-sr.md): BINARY with empty frames omitted is the default;
+    # some viewer versions misplace SEGs with omitted frames (keep them with false). LABELMAP (+RLE) is
+    # much smaller but new: opt-in, and a PACS that refuses it gets the plain BINARY SEG instead.
+    seg_format: Literal["binary", "labelmap"] = "binary"
+    seg_omit_empty_frames: bool = True
     # After sending, ask the destination (C-FIND / QIDO-RS) whether it now holds every object; a job is
     # "delivered, verified" only then, and is retried when the read-back misses something.
     verify: bool = True

@@ -23,12 +23,17 @@ from dicom_ai_node.receive.conformance import (
 
 RESULT_SOP_CLASSES: tuple[UID, ...] = (
     UID("1.2.840.10008.5.1.4.1.1.66.4"),  # Segmentation Storage
+    UID("1.2.840.10008.5.1.4.1.1.66.7"),  # Label Map Segmentation Storage (opt-in: seg_format labelmap)
     UID("1.2.840.10008.5.1.4.1.1.88.33"),  # Comprehensive SR Storage
 )
 
 
+# Names pydicom's UID dictionary does not know yet (newer than its release).
+_NAMES = {"1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage"}
+
+
 def _row(uid: UID) -> str:
-    return f"| {uid.name} | `{uid}` |"
+    return f"| {_NAMES.get(str(uid), uid.name)} | `{uid}` |"
 
 
 def render() -> str:
@@ -125,7 +130,10 @@ def render() -> str:
         "{series}/instances`). HTTP 4xx except 408/429, and failed SOPs with 0xA9xx/0xCxxx reasons, are",
         "permanent; connection errors, timeouts, 5xx, 408/429 and 0xA7xx reasons are retried.",
         "",
-        "Results are encoded in Explicit VR Little Endian. Response handling:",
+        "Results are encoded in Explicit VR Little Endian; a LABELMAP SEG (only for destinations with",
+        "`seg_format: labelmap`) in RLE Lossless. When a destination accepts none of the proposed contexts",
+        "for a LABELMAP SEG, or refuses it permanently, the node sends the plain BINARY SEG (a frame per",
+        "source image and segment) and its SR instead. Response handling:",
         "",
         "- 0x0000 and warnings 0xBxxx: delivered.",
         "- 0xA7xx (out of resources), no response, association aborted or refused connection: retried with",

@@ -68,9 +68,7 @@ def _admin_engine() -> sa.Engine:
     )
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    admin = _admin_engine()
+def _require_postgres(admin: sa.Engine) -> None:
     unreachable = ""
     try:
         with admin.connect() as conn:
@@ -86,6 +84,12 @@ def postgres_url() -> Iterator[str]:
             f"{unreachable}\nStart PostgreSQL or set AINODE_SKIP_POSTGRES=1 to skip these tests.",
             pytrace=False,
         )
+
+
+def _throwaway_database() -> Iterator[str]:
+    """A new database `ainode_test_<random>` with the schema, dropped afterwards."""
+    admin = _admin_engine()
+    _require_postgres(admin)
     name = f"ainode_test_{secrets.token_hex(6)}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
@@ -99,3 +103,15 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """One database for the whole session (the contract suite truncates its tables per test)."""
+    yield from _throwaway_database()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A database of its own, for a test that runs the node against PostgreSQL."""
+    yield from _throwaway_database()

@@ -89,6 +89,13 @@ def _associate(ae: AE, peer: DicomPeer, contexts: list[PresentationContext]) -> 
     )
     if assoc.is_rejected:
         raise PermanentDeliveryError(f"association rejected by {peer.ae_title}@{peer.host}:{peer.port}")
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # The peer answered but accepts none of the proposed SOP classes / transfer syntaxes: a retry
+        # will not change its mind (e.g. a PACS that does not know the LABELMAP SEG SOP class).
+        refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        raise PermanentDeliveryError(
+            f"{peer.ae_title} accepts none of the proposed SOP classes: {', '.join(refused)}"
+        )
     if not assoc.is_established:
         raise TransientDeliveryError(f"cannot associate with {peer.ae_title}@{peer.host}:{peer.port}")
     return assoc

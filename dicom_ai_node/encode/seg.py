@@ -20,7 +20,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from dicom_ai_node.domain.results import (
     ModelIdentity,
@@ -76,6 +76,7 @@ def encode_seg(
     *,
     omit_empty_frames: bool = True,
     revision: int = 1,
+    labelmap: bool = False,
 ) -> Dataset | None:
     """Encode `label_map` (frames, rows, cols; 0 = background) as a BINARY SEG of the source series.
 
@@ -121,7 +122,12 @@ def encode_seg(
             seg = hd.seg.Segmentation(
                 source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
                 pixel_array=segment_array,
-                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                # LABELMAP (+RLE) is 12-80x smaller but new (PS3.3 2024, SOP class ...66.7): opt-in only.
+                segmentation_type=(
+                    hd.seg.SegmentationTypeValues.LABELMAP
+                    if labelmap
+                    else hd.seg.SegmentationTypeValues.BINARY
+                ),
                 segment_descriptions=descriptions,
                 series_instance_uid=uids.seg_series_instance_uid,
                 series_number=identity.seg_series_number,
@@ -135,7 +141,7 @@ def encode_seg(
                 # Type 3 in the Segmentation Image Module: omitted; an automatic result has no human
                 # creator, and this must never carry PHI.
                 content_creator_name=None,
-                transfer_syntax_uid=ExplicitVRLittleEndian,
+                transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
                 omit_empty_frames=omit_empty_frames,
                 series_description=series_description(
                     identity.seg_series_description_prefix, model, revision

@@ -31,11 +31,11 @@ def deterministic_uid(*parts: str) -> str:
 
 
 def _job_parts(
-    source_series_instance_uid: str, model: ModelIdentity, rule: RuleIdentity, revision: int
+    source_series_instance_uid: str, model: ModelIdentity, rule: RuleIdentity, revision: int, variant: str
 ) -> tuple[str, ...]:
     if revision < 1:
         raise ValueError("revision starts at 1")
-    return (
+    parts = (
         "result",
         source_series_instance_uid,
         model.name,
@@ -44,17 +44,24 @@ def _job_parts(
         str(rule.rule_version),
         str(revision),
     )
+    # The default encoding keeps the UIDs it always had; another encoding of the same result (a
+    # destination that wants LABELMAP or all frames) is another object and gets its own UIDs.
+    return (*parts, variant) if variant else parts
 
 
 def result_uids(
-    source_series_instance_uid: str, model: ModelIdentity, rule: RuleIdentity, revision: int = 1
+    source_series_instance_uid: str,
+    model: ModelIdentity,
+    rule: RuleIdentity,
+    revision: int = 1,
+    variant: str = "",
 ) -> ResultUids:
     """UIDs of the SEG and SR (series and instance) for one (source series, model, rule, revision).
 
     `revision` is bumped when a late instance forces a re-run of an already processed series, so the
     new results form new series instead of silently overwriting the old ones.
     """
-    parts = _job_parts(source_series_instance_uid, model, rule, revision)
+    parts = _job_parts(source_series_instance_uid, model, rule, revision, variant)
     return ResultUids(
         seg_series_instance_uid=deterministic_uid(*parts, "seg-series"),
         seg_sop_instance_uid=deterministic_uid(*parts, "seg-instance"),

@@ -13,24 +13,28 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.deliver.registry import deliverer_for
 from dicom_ai_node.domain.jobs import JobKind
-from dicom_ai_node.domain.results import ModelIdentity, RuleIdentity
+from dicom_ai_node.domain.results import RuleIdentity
 from dicom_ai_node.encode.measure import measure
-from dicom_ai_node.encode.seg import encode_seg
-from dicom_ai_node.encode.sr import encode_sr
-from dicom_ai_node.encode.uids import result_uids
-from dicom_ai_node.errors import InferenceError, TransientDeliveryError
+from dicom_ai_node.errors import InferenceError, PermanentDeliveryError, TransientDeliveryError
 from dicom_ai_node.infer.registry import ModelRegistry
 from dicom_ai_node.infer.volume import load_series, voxel_volume_mm3
 from dicom_ai_node.persistence.queue import Job, JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
-from dicom_ai_node.store.spool import RESULTS, Spool
+from dicom_ai_node.store.spool import Spool
+from dicom_ai_node.worker.outputs import (
+    PLAIN_BINARY,
+    ResultInputs,
+    encode_and_store,
+    needed_variants,
+    variant_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,68 +69,44 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         raise InferenceError(f"model {p['model']} returned shape {label_map.shape}, expected {volume.shape}")
 
     t = time.perf_counter()
-    rule = RuleIdentity(p["rule_id"], int(p["rule_version"]))
-    identity = ctx.settings.identity.output_identity(ctx.software_version)
     # Same series + model version + rule version + generation -> the same UIDs: a re-run job replaces
-    # its objects in the PACS instead of adding a second result series.
-    # A late instance re-opens the series as a new generation: its results are a new revision with new
-    # UIDs, and the SR names the one it supersedes (never a silent overwrite).
-    revision = int(p.get("generation", 1))
-    uids = result_uids(series_uid, model.identity, rule, revision=revision)
-    measurements = measure(label_map, model.segments, voxel_volume_mm3(volume))
-    seg = encode_seg(
-        volume.datasets, label_map, model.segments, model.identity, rule, identity, uids, revision=revision
+    # its objects in the PACS instead of adding a second result series. A late instance re-opens the
+    # series as a new generation: its results are a new revision with new UIDs, and the SR names the
+    # one it supersedes (never a silent overwrite).
+    inputs = ResultInputs(
+        job_id=job.id,
+        series_instance_uid=series_uid,
+        source_datasets=volume.datasets,
+        label_map=label_map,
+        model=model,
+        rule=RuleIdentity(p["rule_id"], int(p["rule_version"])),
+        identity=ctx.settings.identity.output_identity(ctx.software_version),
+        revision=int(p.get("generation", 1)),
+        measurements=measure(label_map, model.segments, voxel_volume_mm3(volume)),
     )
-    sr = encode_sr(
-        volume.datasets,
-        seg,
-        measurements,
-        model.identity,
-        rule,
-        identity,
-        uids,
-        segments=model.segments,
-        revision=revision,
-        predecessor=_predecessor_sr(ctx, series_uid, model.identity, rule, revision),
-    )
+    destinations = [ctx.settings.destination(name) for name in p["destinations"]]
+    stored = {variant: encode_and_store(ctx, inputs, variant) for variant in needed_variants(destinations)}
     timings["encode_s"] = time.perf_counter() - t
 
-    files: list[str] = []
-    sop_uids: list[str] = []
-    results: tuple[tuple[Literal["SEG", "SR"], Dataset | None], ...] = (("SEG", seg), ("SR", sr))
-    for kind, ds in results:
-        if ds is None:
-            continue
-        rel = ctx.spool.write_dataset(ds, RESULTS)
-        ctx.repo.add_result(
-            job_id=job.id,
-            source_series_instance_uid=series_uid,
-            kind=kind,
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            spool_path=rel,
-        )
-        files.append(rel)
-        sop_uids.append(str(ds.SOPInstanceUID))
-
-    for destination in p["destinations"]:
+    for destination in destinations:
+        variant = variant_of(destination)
+        files = stored[variant].files
         ctx.queue.enqueue(
             JobKind.DELIVER,
             {
-                "destination": destination,
+                "destination": destination.name,
                 "files": files,
-                "sop_instance_uids": sop_uids,
+                # A PACS that refuses the LABELMAP SEG gets the plain BINARY one instead.
+                "fallback_files": stored[PLAIN_BINARY].files if variant.labelmap else [],
                 "series_instance_uid": series_uid,
                 "infer_job_id": job.id,
             },
-            dedupe_key=f"deliver:{uids.sr_sop_instance_uid}:{destination}:job{job.id}:a{job.attempts}",
+            dedupe_key=f"deliver:{series_uid}:{destination.name}:job{job.id}:a{job.attempts}",
             priority=job.priority,
             max_attempts=ctx.settings.worker.max_attempts,
         )
     timings["total_s"] = time.perf_counter() - t0
-    found = {m.label: round(m.volume_cm3, 2) for m in measurements if m.voxel_count}
+    found = {m.label: round(m.volume_cm3, 2) for m in inputs.measurements if m.voxel_count}
     log.info(
         "infer job %d: series %s model %s -> %s (%s)",
         job.id,
@@ -138,27 +118,12 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
     return {
         "model": model.identity.name,
         "model_version": model.identity.version,
-        "rule_id": rule.rule_id,
-        "rule_version": rule.rule_version,
-        "sop_instance_uids": sop_uids,
+        "rule_id": inputs.rule.rule_id,
+        "rule_version": inputs.rule.rule_version,
+        "sop_instance_uids": [uid for result in stored.values() for uid in result.sop_instance_uids],
         "volumes_cm3": found,
         "timings": timings,
     }
-
-
-def _predecessor_sr(
-    ctx: StageContext, series_uid: str, model: ModelIdentity, rule: RuleIdentity, revision: int
-) -> Dataset | None:
-    """The newest earlier revision's SR of the same (series, model, rule), if this node made one.
-
-    Found through the deterministic UIDs of the earlier revisions, so no extra bookkeeping is needed.
-    """
-    stored = {r.sop_instance_uid: r for r in ctx.repo.results_of_series(series_uid) if r.kind == "SR"}
-    for earlier in range(revision - 1, 0, -1):
-        row = stored.get(result_uids(series_uid, model, rule, revision=earlier).sr_sop_instance_uid)
-        if row is not None:
-            return dcmread(ctx.spool.path(row.spool_path), stop_before_pixels=True)
-    return None
 
 
 def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
@@ -170,7 +135,20 @@ def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
     deliverer = deliverer_for(dest, ctx.settings.ae_title)
     paths: list[Path] = [ctx.spool.path(rel) for rel in job.payload["files"]]
     t0 = time.perf_counter()
-    report = deliverer.send(paths)
+    fallback = False
+    try:
+        report = deliverer.send(paths)
+    except PermanentDeliveryError as exc:
+        if not job.payload.get("fallback_files"):
+            raise
+        # The PACS refused the opt-in encoding (unknown SOP class or transfer syntax): send the plain
+        # BINARY SEG (and its SR) that every SEG reader accepts.
+        log.warning(
+            "deliver job %d: %s refused the LABELMAP SEG (%s); sending plain BINARY", job.id, dest.name, exc
+        )
+        paths = [ctx.spool.path(rel) for rel in job.payload["fallback_files"]]
+        report = deliverer.send(paths)
+        fallback = True
     elapsed = time.perf_counter() - t0
     verified = False
     if dest.verify:
@@ -201,6 +179,7 @@ def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
         "warnings": report.warnings,
         "send_s": elapsed,
         "verified": verified,
+        "fallback": fallback,
     }
 
 

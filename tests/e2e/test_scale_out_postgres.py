@@ -18,14 +18,14 @@ from tests.support.node import ROOT, NodeProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 
-def test_receiver_and_separate_worker_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+def test_receiver_and_separate_worker_on_postgresql(tmp_path: Path, postgres_database: str) -> None:
     received = tmp_path / "pacs"
     with storescp(received) as pacs_port:
         node = NodeProcess(
             tmp_path / "node",
             pacs_aet="PACS",
             pacs_port=pacs_port,
-            database_url=postgres_url,
+            database_url=postgres_database,
             quiet_period_s=1,
             serve_args=("--no-workers",),
             pacs_verify=False,  # storescp has no C-FIND

@@ -1,0 +1,96 @@
+"""Per-destination SEG options against a real Orthanc (1.10, which predates the LABELMAP SOP class):
+
+- a DIMSE destination asking for LABELMAP: Orthanc refuses the SOP class, the node falls back to the
+  plain BINARY SEG (every frame) and its SR, and verifies them;
+- a DICOMweb destination asking for LABELMAP: STOW-RS stores it (RLE), verified by QIDO-RS.
+Both SEGs decode to the same mask on the source grid.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import yaml
+from pydicom import dcmread
+
+from tests.support.datasets import lung_ct_series
+from tests.support.dcmtk import storescu
+from tests.support.node import ROOT, NodeProcess, free_port
+from tests.support.orthanc import OrthancServer, wait_for
+
+pytestmark = pytest.mark.e2e
+
+LABELMAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
+BINARY_SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
+    rules = yaml.safe_load((ROOT / "config" / "rules.yaml").read_text())
+    for rule in rules["rules"]:
+        rule["action"]["destinations"] = ["pacs-labelmap", "web-labelmap"]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules))
+
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc").start("AINODE", node_port, stable_age=2)
+    destinations = [
+        {
+            "name": "pacs-labelmap",
+            "type": "dicom",
+            "ae_title": orthanc.aet,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "seg_format": "labelmap",
+        },
+        {"name": "web-labelmap", "type": "dicomweb", "url": orthanc.dicomweb_url, "seg_format": "labelmap"},
+    ]
+    node = NodeProcess(
+        tmp_path / "node",
+        pacs_aet=orthanc.aet,
+        pacs_port=orthanc.dicom_port,
+        dicom_port=node_port,
+        extra={"rules_file": str(rules_file), "destinations": destinations},
+    )
+    try:
+        node.start()
+        ct = lung_ct_series(tmp_path / "ct", "lung1")
+        storescu(list(ct.paths), orthanc.aet, orthanc.dicom_port)
+
+        def delivered() -> list[dict] | None:  # type: ignore[type-arg]
+            jobs = [j for j in node.get_json("/api/jobs") if j["kind"] == "deliver"]
+            done = len(jobs) == 2 and all(j["status"] in ("succeeded", "dead") for j in jobs)
+            return jobs if done else None
+
+        jobs = {j["payload"]["destination"]: j for j in wait_for(delivered, 180, what="both deliveries")}
+        for job in jobs.values():
+            assert job["status"] == "succeeded", job["last_error"]
+            assert job["result"]["verified"] is True
+        assert jobs["pacs-labelmap"]["result"]["fallback"] is True
+        assert jobs["web-labelmap"]["result"]["fallback"] is False
+        time.sleep(1)
+
+        segs = []
+        for series in orthanc.series_by_modality(ct.study_instance_uid, "SEG"):
+            for instance in series["Instances"]:
+                segs.append(dcmread(orthanc.download_instance(instance, tmp_path / f"{instance}.dcm")))
+        by_class = {str(ds.SOPClassUID): ds for ds in segs}
+        assert sorted(by_class) == sorted([LABELMAP_SEG, BINARY_SEG]), sorted(by_class)
+        labelmap, binary = by_class[LABELMAP_SEG], by_class[BINARY_SEG]
+        assert labelmap.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"  # RLE Lossless
+        # The fallback is the plain form: a frame for every source image and segment.
+        assert int(binary.NumberOfFrames) == len(ct.paths) * len(binary.SegmentSequence)
+        assert len(orthanc.series_by_modality(ct.study_instance_uid, "SR")) == 2
+
+        sources = list(ct.sop_instance_uids)
+        masks = []
+        for ds in (labelmap, binary):
+            seg = hd.seg.Segmentation.from_dataset(ds)
+            masks.append(seg.get_pixels_by_source_instance(sources, combine_segments=True))
+        assert masks[0].any() and np.array_equal(masks[0], masks[1])
+    finally:
+        node.stop()
+        orthanc.stop()
