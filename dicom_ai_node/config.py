@@ -87,6 +87,9 @@ class Destination(_Strict):
     # much smaller but new: opt-in, and a PACS that refuses it gets the plain BINARY SEG instead.
     seg_format: Literal["binary", "labelmap"] = "binary"
     seg_omit_empty_frames: bool = True
+    # Also send a few Secondary Capture key images with the overlay burned in (marked derived), for
+    # viewers that cannot show DICOM SEG.
+    key_images: bool = False
     # After sending, ask the destination (C-FIND / QIDO-RS) whether it now holds every object; a job is
     # "delivered, verified" only then, and is retried when the read-back misses something.
     verify: bool = True

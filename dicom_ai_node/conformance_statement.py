@@ -24,6 +24,7 @@ from dicom_ai_node.receive.conformance import (
 RESULT_SOP_CLASSES: tuple[UID, ...] = (
     UID("1.2.840.10008.5.1.4.1.1.66.4"),  # Segmentation Storage
     UID("1.2.840.10008.5.1.4.1.1.66.7"),  # Label Map Segmentation Storage (opt-in: seg_format labelmap)
+    UID("1.2.840.10008.5.1.4.1.1.7"),  # Secondary Capture Image Storage (opt-in: key_images)
     UID("1.2.840.10008.5.1.4.1.1.88.33"),  # Comprehensive SR Storage
 )
 

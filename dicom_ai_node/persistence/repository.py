@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
 from dicom_ai_node.persistence.tables import instances, results, series
 
-ResultKind = Literal["SEG", "SR"]
+# SC: Secondary Capture key images with the overlay burned in (optional per destination).
+ResultKind = Literal["SEG", "SR", "SC"]
 _NOTE_MAX = 512
 
 
@@ -285,8 +286,8 @@ class SeriesRepository:
         now: datetime | None = None,
     ) -> int:
         """Record a result object and return its id; idempotent on SOP Instance UID (a re-run updates it)."""
-        if kind not in ("SEG", "SR"):
-            raise ValueError(f"result kind must be 'SEG' or 'SR', not {kind!r}")
+        if kind not in ("SEG", "SR", "SC"):
+            raise ValueError(f"result kind must be 'SEG', 'SR' or 'SC', not {kind!r}")
         values: dict[str, Any] = {
             "job_id": job_id,
             "source_series_instance_uid": source_series_instance_uid,

@@ -13,6 +13,7 @@ from pydicom import Dataset, dcmread
 
 from dicom_ai_node.config import Destination
 from dicom_ai_node.domain.results import ModelIdentity, OutputIdentity, RuleIdentity, SegmentMeasurement
+from dicom_ai_node.encode.keyimages import encode_key_images
 from dicom_ai_node.encode.seg import encode_seg
 from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import result_uids
@@ -75,6 +76,7 @@ class ResultInputs:
     identity: OutputIdentity
     revision: int
     measurements: Sequence[SegmentMeasurement]
+    pixel_values: np.ndarray  # the source volume in modality units, for key images
 
 
 def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVariant) -> StoredResult:
@@ -122,6 +124,39 @@ def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVarian
             job_id=inputs.job_id,
             source_series_instance_uid=inputs.series_instance_uid,
             kind=kind,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            study_instance_uid=str(ds.StudyInstanceUID),
+            spool_path=rel,
+        )
+        stored.files.append(rel)
+        stored.sop_instance_uids.append(str(ds.SOPInstanceUID))
+    return stored
+
+
+def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
+    """Secondary Capture key images with the overlay burned in (for destinations with key_images)."""
+    key = result_uids(
+        inputs.series_instance_uid, inputs.model.identity, inputs.rule, revision=inputs.revision
+    )
+    images = encode_key_images(
+        inputs.pixel_values,
+        inputs.source_datasets,
+        inputs.label_map,
+        inputs.model.segments,
+        inputs.model.identity,
+        inputs.identity,
+        result_key=key.seg_series_instance_uid,
+        revision=inputs.revision,
+    )
+    stored = StoredResult()
+    for ds in images:
+        rel = ctx.spool.write_dataset(ds, RESULTS)
+        ctx.repo.add_result(
+            job_id=inputs.job_id,
+            source_series_instance_uid=inputs.series_instance_uid,
+            kind="SC",
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),

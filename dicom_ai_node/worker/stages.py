@@ -33,6 +33,7 @@ from dicom_ai_node.worker.outputs import (
     ResultInputs,
     encode_and_store,
     needed_variants,
+    store_key_images,
     variant_of,
 )
 
@@ -83,21 +84,24 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         identity=ctx.settings.identity.output_identity(ctx.software_version),
         revision=int(p.get("generation", 1)),
         measurements=measure(label_map, model.segments, voxel_volume_mm3(volume)),
+        pixel_values=volume.array,
     )
     destinations = [ctx.settings.destination(name) for name in p["destinations"]]
     stored = {variant: encode_and_store(ctx, inputs, variant) for variant in needed_variants(destinations)}
+    key_images = store_key_images(ctx, inputs).files if any(d.key_images for d in destinations) else []
     timings["encode_s"] = time.perf_counter() - t
 
     for destination in destinations:
         variant = variant_of(destination)
-        files = stored[variant].files
+        extra = key_images if destination.key_images else []
+        files = stored[variant].files + extra
         ctx.queue.enqueue(
             JobKind.DELIVER,
             {
                 "destination": destination.name,
                 "files": files,
                 # A PACS that refuses the LABELMAP SEG gets the plain BINARY one instead.
-                "fallback_files": stored[PLAIN_BINARY].files if variant.labelmap else [],
+                "fallback_files": stored[PLAIN_BINARY].files + extra if variant.labelmap else [],
                 "series_instance_uid": series_uid,
                 "infer_job_id": job.id,
             },

@@ -2,12 +2,14 @@
 
 - a DIMSE destination asking for LABELMAP: Orthanc refuses the SOP class, the node falls back to the
   plain BINARY SEG (every frame) and its SR, and verifies them;
-- a DICOMweb destination asking for LABELMAP: STOW-RS stores it (RLE), verified by QIDO-RS.
+- a DICOMweb destination asking for LABELMAP and key images: STOW-RS stores the LABELMAP SEG (RLE) and
+  Secondary Capture key images with the overlay burned in (marked derived), verified by QIDO-RS.
 Both SEGs decode to the same mask on the source grid.
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,7 +48,13 @@ def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
             "port": orthanc.dicom_port,
             "seg_format": "labelmap",
         },
-        {"name": "web-labelmap", "type": "dicomweb", "url": orthanc.dicomweb_url, "seg_format": "labelmap"},
+        {
+            "name": "web-labelmap",
+            "type": "dicomweb",
+            "url": orthanc.dicomweb_url,
+            "seg_format": "labelmap",
+            "key_images": True,
+        },
     ]
     node = NodeProcess(
         tmp_path / "node",
@@ -91,6 +99,24 @@ def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
             seg = hd.seg.Segmentation.from_dataset(ds)
             masks.append(seg.get_pixels_by_source_instance(sources, combine_segments=True))
         assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+        # Key images: derived RGB Secondary Capture, overlay colour exactly where the mask is.
+        key_series = orthanc.series_by_modality(ct.study_instance_uid, "OT")
+        assert len(key_series) == 1 and 1 <= len(key_series[0]["Instances"]) <= 5
+        index_of = {uid: k for k, uid in enumerate(sources)}
+        for instance in key_series[0]["Instances"]:
+            path = orthanc.download_instance(instance, tmp_path / f"key-{instance}.dcm")
+            key = dcmread(path)
+            assert key.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and key.PhotometricInterpretation == "RGB"
+            assert list(key.ImageType)[:2] == ["DERIVED", "SECONDARY"] and key.BurnedInAnnotation == "YES"
+            assert "(derived)" in key.SeriesDescription
+            frame = index_of[key.SourceImageSequence[0].ReferencedSOPInstanceUID]
+            rgb = key.pixel_array.astype(int)
+            coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])) > 20
+            mask = masks[1][frame] > 0
+            assert mask.any() and coloured[mask].mean() > 0.95 and coloured[~mask].mean() < 0.01
+            proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+            assert [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")] == []
     finally:
         node.stop()
         orthanc.stop()
