@@ -85,7 +85,8 @@ class Destination(_Strict):
     # SEG encoding for this destination (notes/seg-sr.md): BINARY with empty frames omitted is the default;
     # some viewer versions misplace SEGs with omitted frames (keep them with false). LABELMAP (+RLE) is
     # much smaller but new: opt-in, and a PACS that refuses it gets the plain BINARY SEG instead.
-    seg_format: Literal["binary", "labelmap"] = "binary"
+    # auto: BINARY, or FRACTIONAL (8-bit) when frames are not byte-aligned (OHIF misreads those BINARY SEGs).
+    seg_format: Literal["auto", "binary", "fractional", "labelmap"] = "auto"
     seg_omit_empty_frames: bool = True
     # Also send a few Secondary Capture key images with the overlay burned in (marked derived), for
     # viewers that cannot show DICOM SEG.

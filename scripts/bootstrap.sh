@@ -8,11 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools mricron-data curl)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools mricron-data curl chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# Node.js + npm (OHIF viewer test): only when missing, so a newer Node already on the machine is kept.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ! command -v pg_ctlcluster >/dev/null 2>&1 && ! command -v postgres >/dev/null 2>&1; then
   missing+=(postgresql)
 fi
@@ -41,4 +44,5 @@ $VPIP install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import deepbet" 2>/dev/null || $VPIP install -q --no-deps "deepbet==1.0.2" 2>&1 | grep -v "^WARNING: Location" || true
 
 bash scripts/fetch-test-data.sh
+bash scripts/fetch-ohif.sh
 echo "bootstrap: done"

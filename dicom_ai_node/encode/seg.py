@@ -15,6 +15,7 @@ Choices that make the SEG show up in viewers (see docs/notes seg-sr.md):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -65,6 +66,33 @@ def display_cielab(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return tuple(hd.color.CIELabColor.from_rgb(*rgb).value)  # type: ignore[return-value]
 
 
+SegFormat = Literal["auto", "binary", "fractional", "labelmap"]
+FRACTIONAL_MAX = 255
+
+
+def segmentation_type(seg_format: SegFormat, pixels_per_frame: int) -> str:
+    """The SegmentationType to write (PS3.3 C.8.20.2).
+
+    - labelmap: LABELMAP (+RLE), 12-80x smaller but new (2024, SOP class ...66.7): opt-in only.
+    - binary / fractional: as asked.
+    - auto: BINARY, except FRACTIONAL OCCUPANCY (0 or 255 per pixel) when a frame's pixel count is not a
+      multiple of 8. BINARY frames are bit-packed back to back, so such frames do not start on byte
+      boundaries; OHIF 3.13 then fails to load the SEG or misplaces pixels (tests/e2e/test_ohif_viewer.py
+      found this with the 217 x 181 ch2 brain MR), while 8-bit FRACTIONAL frames display pixel-exact.
+    """
+    if seg_format == "auto":
+        return "BINARY" if pixels_per_frame % 8 == 0 else "FRACTIONAL"
+    return seg_format.upper()
+
+
+def _one_hot(segment_array: npt.NDArray[np.integer], n_segments: int) -> npt.NDArray[np.float32]:
+    """(frames, rows, cols) segment numbers -> (frames, rows, cols, segments) occupancy 0.0 / 1.0."""
+    out = np.zeros((*segment_array.shape, n_segments), dtype=np.float32)
+    for index in range(n_segments):
+        out[..., index] = segment_array == index + 1
+    return out
+
+
 def encode_seg(
     source_datasets: Sequence[Dataset],
     label_map: npt.NDArray[np.integer],
@@ -76,7 +104,7 @@ def encode_seg(
     *,
     omit_empty_frames: bool = True,
     revision: int = 1,
-    labelmap: bool = False,
+    seg_format: SegFormat = "auto",
 ) -> Dataset | None:
     """Encode `label_map` (frames, rows, cols; 0 = background) as a BINARY SEG of the source series.
 
@@ -85,6 +113,7 @@ def encode_seg(
     writes only the SR (which reports every segment as not found).
     """
     _check_grid(source_datasets, label_map)
+    kind = segmentation_type(seg_format, int(label_map.shape[1]) * int(label_map.shape[2]))
     numbered = segment_numbers(label_map, segments)
     if not numbered:
         return None
@@ -121,13 +150,9 @@ def encode_seg(
         with no_phi_warnings():
             seg = hd.seg.Segmentation(
                 source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
-                pixel_array=segment_array,
-                # LABELMAP (+RLE) is 12-80x smaller but new (PS3.3 2024, SOP class ...66.7): opt-in only.
-                segmentation_type=(
-                    hd.seg.SegmentationTypeValues.LABELMAP
-                    if labelmap
-                    else hd.seg.SegmentationTypeValues.BINARY
-                ),
+                pixel_array=_one_hot(segment_array, len(numbered)) if kind == "FRACTIONAL" else segment_array,
+                segmentation_type=hd.seg.SegmentationTypeValues[kind],
+                # FRACTIONAL: highdicom's defaults, OCCUPANCY with maximum value 255 (FRACTIONAL_MAX).
                 segment_descriptions=descriptions,
                 series_instance_uid=uids.seg_series_instance_uid,
                 series_number=identity.seg_series_number,
@@ -141,7 +166,7 @@ def encode_seg(
                 # Type 3 in the Segmentation Image Module: omitted; an automatic result has no human
                 # creator, and this must never carry PHI.
                 content_creator_name=None,
-                transfer_syntax_uid=RLELossless if labelmap else ExplicitVRLittleEndian,
+                transfer_syntax_uid=RLELossless if kind == "LABELMAP" else ExplicitVRLittleEndian,
                 omit_empty_frames=omit_empty_frames,
                 series_description=series_description(
                     identity.seg_series_description_prefix, model, revision

@@ -14,7 +14,7 @@ from pydicom import Dataset, dcmread
 from dicom_ai_node.config import Destination
 from dicom_ai_node.domain.results import ModelIdentity, OutputIdentity, RuleIdentity, SegmentMeasurement
 from dicom_ai_node.encode.keyimages import encode_key_images
-from dicom_ai_node.encode.seg import encode_seg
+from dicom_ai_node.encode.seg import SegFormat, encode_seg
 from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import result_uids
 from dicom_ai_node.infer.base import SegmentationModel
@@ -26,24 +26,28 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, order=True)
 class SegVariant:
-    labelmap: bool = False
+    seg_format: SegFormat = "auto"
     omit_empty_frames: bool = True
+
+    @property
+    def labelmap(self) -> bool:
+        return self.seg_format == "labelmap"
 
     @property
     def key(self) -> str:
         """'' for the default encoding (its UIDs never change); otherwise part of the result UIDs."""
         if self == DEFAULT_VARIANT:
             return ""
-        return ("labelmap" if self.labelmap else "binary") + ("" if self.omit_empty_frames else "-all-frames")
+        return self.seg_format + ("" if self.omit_empty_frames else "-all-frames")
 
 
 DEFAULT_VARIANT = SegVariant()
-# What every SEG reader accepts: BINARY with a frame per source image and segment.
-PLAIN_BINARY = SegVariant(labelmap=False, omit_empty_frames=False)
+# What every SEG reader accepts: the default form with a frame per source image and segment.
+PLAIN_BINARY = SegVariant("auto", omit_empty_frames=False)
 
 
 def variant_of(destination: Destination) -> SegVariant:
-    return SegVariant(destination.seg_format == "labelmap", destination.seg_omit_empty_frames)
+    return SegVariant(destination.seg_format, destination.seg_omit_empty_frames)
 
 
 def needed_variants(destinations: Iterable[Destination]) -> list[SegVariant]:
@@ -98,7 +102,7 @@ def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVarian
         uids,
         omit_empty_frames=variant.omit_empty_frames,
         revision=inputs.revision,
-        labelmap=variant.labelmap,
+        seg_format=variant.seg_format,
     )
     sr = encode_sr(
         inputs.source_datasets,
