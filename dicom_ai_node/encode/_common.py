@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from dicom_ai_node.domain.results import CodedConcept, ModelIdentity, RuleIdentity
+from dicom_ai_node.domain.results import CodedConcept, ModelIdentity, OutputIdentity, RuleIdentity
 
 LONG_STRING_MAX = 64  # LO (PS3.5 6.2)
 
@@ -66,3 +66,23 @@ def no_phi_warnings() -> Iterator[None]:
             "ignore", message=r"The string .* is unlikely to represent", category=UserWarning
         )
         yield
+
+
+# DCM 109102 "Processing Equipment" (PS3.16 CID 7005 Contributing Equipment Purposes of Reference).
+PROCESSING_EQUIPMENT = hd.sr.CodedConcept("109102", "DCM", "Processing Equipment")
+
+
+def contributing_equipment(identity: OutputIdentity, model: ModelIdentity) -> list[hd.ContributingEquipment]:
+    """IHE AI Results: name the equipment (this node) and the algorithm (model + version) that made a result."""
+    return [
+        hd.ContributingEquipment(
+            manufacturer=identity.manufacturer,
+            purpose_of_reference=PROCESSING_EQUIPMENT,
+            manufacturer_model_name=identity.manufacturer_model_name,
+            software_versions=[identity.software_versions, f"{model.name} {model.version}"],
+            device_serial_number=identity.device_serial_number,
+            institution_name=identity.institution_name or None,
+            station_name=identity.station_name or None,
+            contribution_description=f"AI inference by {model.name} {model.version}"[:LONG_STRING_MAX],
+        )
+    ]

@@ -17,7 +17,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 from dicom_ai_node.domain.results import ModelIdentity, OutputIdentity, SegmentSpec
-from dicom_ai_node.encode._common import LONG_STRING_MAX, no_phi_warnings, with_type2_identity
+from dicom_ai_node.encode._common import (
+    LONG_STRING_MAX,
+    contributing_equipment,
+    no_phi_warnings,
+    with_type2_identity,
+)
 from dicom_ai_node.encode.uids import deterministic_uid
 from dicom_ai_node.errors import EncodeError
 
@@ -121,6 +126,7 @@ def encode_key_images(
                     manufacturer_model_name=identity.manufacturer_model_name,
                     software_versions=identity.software_versions,
                     device_serial_number=identity.device_serial_number,
+                    contributing_equipment=contributing_equipment(identity, model),
                 )
         except (ValueError, TypeError, AttributeError) as exc:
             raise EncodeError(f"cannot encode key image {number}: {exc}") from exc

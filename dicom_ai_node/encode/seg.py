@@ -32,6 +32,7 @@ from dicom_ai_node.domain.results import (
 )
 from dicom_ai_node.encode._common import (
     LONG_STRING_MAX,
+    contributing_equipment,
     hd_code,
     no_phi_warnings,
     rule_parameters,
@@ -172,6 +173,7 @@ def encode_seg(
                     identity.seg_series_description_prefix, model, revision
                 ),
                 institution_name=identity.institution_name or None,
+                contributing_equipment=contributing_equipment(identity, model),
             )
     except (ValueError, TypeError, AttributeError) as exc:
         series_uid = source_datasets[0].get("SeriesInstanceUID", "?")

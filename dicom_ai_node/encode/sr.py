@@ -36,6 +36,7 @@ from dicom_ai_node.domain.results import (
     SegmentSpec,
 )
 from dicom_ai_node.encode._common import (
+    contributing_equipment,
     hd_code,
     no_phi_warnings,
     rule_parameters,
@@ -179,6 +180,7 @@ def encode_sr(
                 is_final=False,
                 is_verified=False,
                 institution_name=identity.institution_name or None,
+                contributing_equipment=contributing_equipment(identity, model),
             )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"cannot encode SR for series {source_series_uid}: {exc}") from exc

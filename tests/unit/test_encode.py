@@ -533,3 +533,22 @@ def test_single_component_patient_name_is_not_quoted_in_warnings(ct: Series) -> 
         measurements = measure(label_map, [LEFT, RIGHT], voxel_volume_mm3(series.headers))
         encode_sr(series.headers, seg, measurements, MODEL, RULE, IDENTITY, uids, segments=[LEFT, RIGHT])
     assert not [w for w in caught if "SECRETNAME" in str(w.message)]
+
+
+def test_results_name_the_contributing_equipment_and_model(tmp_path: Path, ct: Series) -> None:
+    """IHE AI Results: SEG and SR carry a Contributing Equipment item (Processing Equipment) naming the
+    node and the model version."""
+    label_map = two_segment_map(ct.shape, LEFT.label_value, RIGHT.label_value)
+    _, _, seg_path, sr_path = encode_and_write(tmp_path, ct, label_map, [LEFT, RIGHT], omit_empty_frames=True)
+    assert seg_path is not None
+    for path in (seg_path, sr_path):
+        items = pydicom.dcmread(path).ContributingEquipmentSequence
+        # highdicom adds the source's acquisition equipment (109101) and itself; ours names node + model.
+        [item] = [
+            i
+            for i in items
+            if i.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+            and i.Manufacturer == IDENTITY.manufacturer
+        ]
+        assert f"{MODEL.name} {MODEL.version}" in list(item.SoftwareVersions)
+        assert item.Manufacturer == IDENTITY.manufacturer
