@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -18,6 +18,7 @@ from dicom_ai_node.encode.seg import SegFormat, encode_seg
 from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import result_uids
 from dicom_ai_node.infer.base import SegmentationModel
+from dicom_ai_node.persistence.repository import ResultKind
 from dicom_ai_node.store.spool import RESULTS
 
 if TYPE_CHECKING:
@@ -118,25 +119,9 @@ def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVarian
             ctx, inputs.series_instance_uid, inputs.model.identity, inputs.rule, inputs.revision, variant
         ),
     )
-    stored = StoredResult()
-    objects: tuple[tuple[Literal["SEG", "SR"], Dataset | None], ...] = (("SEG", seg), ("SR", sr))
-    for kind, ds in objects:
-        if ds is None:  # nothing found: no SEG, only the SR saying so
-            continue
-        rel = ctx.spool.write_dataset(ds, RESULTS)
-        ctx.repo.add_result(
-            job_id=inputs.job_id,
-            source_series_instance_uid=inputs.series_instance_uid,
-            kind=kind,
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            spool_path=rel,
-        )
-        stored.files.append(rel)
-        stored.sop_instance_uids.append(str(ds.SOPInstanceUID))
-    return stored
+    # No SEG when nothing was found: only the SR, saying so.
+    objects: list[tuple[ResultKind, Dataset]] = [("SEG", seg)] if seg is not None else []
+    return _store(ctx, inputs, [*objects, ("SR", sr)])
 
 
 def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
@@ -154,13 +139,20 @@ def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
         result_key=key.seg_series_instance_uid,
         revision=inputs.revision,
     )
+    return _store(ctx, inputs, [("SC", ds) for ds in images])
+
+
+def _store(
+    ctx: StageContext, inputs: ResultInputs, objects: Sequence[tuple[ResultKind, Dataset]]
+) -> StoredResult:
+    """Write result objects to the spool and record them (idempotent on SOP Instance UID)."""
     stored = StoredResult()
-    for ds in images:
+    for kind, ds in objects:
         rel = ctx.spool.write_dataset(ds, RESULTS)
         ctx.repo.add_result(
             job_id=inputs.job_id,
             source_series_instance_uid=inputs.series_instance_uid,
-            kind="SC",
+            kind=kind,
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
             series_instance_uid=str(ds.SeriesInstanceUID),
