@@ -149,22 +149,13 @@ def worker(
     kind: Annotated[list[JobKind] | None, typer.Option(help="Job kinds to run (default: all)")] = None,
 ) -> None:
     """A separate worker process (scale-out: one per GPU) against the shared database and spool."""
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    from dicom_ai_node.node import build_services, build_workers, start_worker_threads
+    from dicom_ai_node.node import build_scheduler, build_services, build_workers, start_worker_threads
 
     settings = _settings(config)
     _setup_logging(settings.log_level)
     services = build_services(settings)
     stop = _wait_for_signal()
-    scheduler = BackgroundScheduler(
-        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
-    )
-    scheduler.add_job(
-        lambda: services.queue.recover_stalled(settings.worker.lease_s),
-        "interval",
-        seconds=max(1.0, settings.worker.heartbeat_s),
-    )
+    scheduler = build_scheduler(services, completion_sweep=False)
     scheduler.start()
     threads = start_worker_threads(build_workers(services, kind or list(JobKind)), stop)
     stop.wait()

@@ -88,21 +88,30 @@ def build_services(settings: NodeSettings, registry: ModelRegistry | None = None
     )
 
 
-def build_scheduler(services: Services) -> BackgroundScheduler:
-    """In-process, idempotent DB sweeps only (notes/reliability-security.md on APScheduler)."""
+def build_scheduler(services: Services, completion_sweep: bool = True) -> BackgroundScheduler:
+    """In-process, idempotent DB sweeps only (notes/reliability-security.md on APScheduler).
+
+    Every process recovers stalled jobs; a worker-only process (`completion_sweep=False`) leaves routing
+    to the receiving nodes.
+    """
     s = services.settings
-    sweep = CompletionSweep(
-        services.repo, services.queue, services.rules, s.quiet_period_s, max_attempts=s.worker.max_attempts
-    )
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
-    scheduler.add_job(
-        _guarded(sweep.run_once, "completion sweep"),
-        "interval",
-        seconds=s.sweep_interval_s,
-        id="completion-sweep",
-    )
+    if completion_sweep:
+        sweep = CompletionSweep(
+            services.repo,
+            services.queue,
+            services.rules,
+            s.quiet_period_s,
+            max_attempts=s.worker.max_attempts,
+        )
+        scheduler.add_job(
+            _guarded(sweep.run_once, "completion sweep"),
+            "interval",
+            seconds=s.sweep_interval_s,
+            id="completion-sweep",
+        )
     scheduler.add_job(
         _guarded(lambda: services.queue.recover_stalled(s.worker.lease_s), "stalled-job recovery"),
         "interval",
