@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.datasets import ch2_mr_series, lung_ct_series  # noqa: E402
 from tests.support.dcmtk import storescu  # noqa: E402
-from tests.support.node import NodeProcess, free_port  # noqa: E402
+from tests.support.node import NodeProcess  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.stack import orthanc_with_node  # noqa: E402
 
 
 def ts(value: str) -> float:
@@ -72,25 +73,15 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        node_port = free_port()
-        orthanc = OrthancServer(work / "orthanc").start("AINODE", node_port, stable_age=args.stable_age)
-        node = NodeProcess(
-            work / "node",
-            pacs_aet=orthanc.aet,
-            pacs_port=orthanc.dicom_port,
-            dicom_port=node_port,
-            quiet_period_s=args.quiet,
-        )
-        try:
-            node.start()
+        with orthanc_with_node(work, stable_age=args.stable_age, quiet_period_s=args.quiet) as (
+            orthanc,
+            node,
+        ):
             cases = {
                 "chest CT lung1 (48 x 512 x 512) -> ct-lung-classical": lung_ct_series(work / "ct", "lung1"),
                 "brain MR ch2 (181 x 217 x 181) -> mr-brain (deepbet)": ch2_mr_series(work / "mr"),
             }
             results = {name: run_case(name, series, orthanc, node) for name, series in cases.items()}
-        finally:
-            node.stop()
-            orthanc.stop()
     names = list(results)
     print(
         f"turnaround, Orthanc StableAge {args.stable_age} s, node quiet period {args.quiet} s, 2-core CPU, seconds"

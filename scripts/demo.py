@@ -7,13 +7,9 @@ and a real chest CT going through, and where to see the results.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
-import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -21,28 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support.datasets import ch2_mr_series, lung_ct_series  # noqa: E402
-from tests.support.node import NodeProcess, free_port  # noqa: E402
+from tests.support.dcmtk import storescu  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+from tests.support.stack import orthanc_with_node  # noqa: E402
 
 
-def orthanc_json(base: str, path: str, body: str | None = None) -> object:
-    data = None if body is None else body.encode()
-    req = urllib.request.Request(base + path, data=data, method="POST" if data else "GET")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def study_results(base: str, study_uid: str) -> dict[str, str]:
-    hits = orthanc_json(base, "/tools/lookup", study_uid)  # the body is the bare UID
-    study = next((h for h in hits if h["Type"] == "Study"), None)  # type: ignore[union-attr]
-    if study is None:
-        return {}
-    found = {}
-    for series in orthanc_json(base, f"/studies/{study['ID']}/series"):  # type: ignore[union-attr]
-        modality = series["MainDicomTags"].get("Modality")
-        if modality in ("SEG", "SR"):
-            found[modality] = series["ID"]
-    found["study"] = study["ID"]
-    return found
+def has_results(orthanc: OrthancServer, study_uid: str) -> bool:
+    return all(orthanc.series_by_modality(study_uid, modality) for modality in ("SEG", "SR"))
 
 
 def main() -> int:
@@ -52,66 +33,25 @@ def main() -> int:
 
     work = ROOT / "var" / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True)
-    node_port, http_port, o_http, o_dicom = free_port(), free_port(), free_port(), free_port()
-
     print(f"[demo] working directory {work}")
-    print("[demo] starting Orthanc (Debian package, native, loopback only)")
-    subprocess.run(
-        [
-            "bash",
-            str(ROOT / "orthanc-dev" / "start-orthanc.sh"),
-            "--background",
-            "--dir",
-            str(work / "orthanc"),
-            "--http-port",
-            str(o_http),
-            "--dicom-port",
-            str(o_dicom),
-            "--node-port",
-            str(node_port),
-        ],
-        check=True,
-    )
-    orthanc_pid = int((work / "orthanc" / "orthanc.pid").read_text())
-    orthanc = f"http://127.0.0.1:{o_http}"
-
-    print("[demo] starting the node: dicom-ai-node serve (SQLite, local spool)")
-    node = NodeProcess(
-        work / "node", pacs_aet="ORTHANC", pacs_port=o_dicom, dicom_port=node_port, http_port=http_port
-    )
-    try:
-        node.start()
-        print(f"[demo] node AINODE@127.0.0.1:{node_port}, admin {node.http_url}/ (log {node.log_path})")
+    print("[demo] starting Orthanc (Debian package, native, loopback only) and the node: dicom-ai-node serve")
+    with orthanc_with_node(work) as (orthanc, node):
+        print(f"[demo] Orthanc {orthanc.http_url}/ , DICOM {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+        print(f"[demo] node AINODE@127.0.0.1:{node.dicom_port} (SQLite, local spool), admin {node.http_url}/")
         print("[demo] writing sample studies: ch2 T1 brain MR (mricron-data), lung1 chest CT (pyradiomics)")
         mr = ch2_mr_series(work / "input" / "mr")
         ct = lung_ct_series(work / "input" / "ct", "lung1")
-        print(f"[demo] storescu {len(mr.paths) + len(ct.paths)} instances -> ORTHANC@127.0.0.1:{o_dicom}")
+        paths = [*mr.paths, *ct.paths]
+        print(f"[demo] storescu {len(paths)} instances -> {orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
         t0 = time.monotonic()
-        subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                "MODALITY",
-                "-aec",
-                "ORTHANC",
-                "127.0.0.1",
-                str(o_dicom),
-                *map(str, [*mr.paths, *ct.paths]),
-            ],
-            check=True,
-            env=dict(os.environ, TCP_NODELAY="1"),
-            capture_output=True,
-        )
+        storescu(paths, orthanc.aet, orthanc.dicom_port, "MODALITY")
         print(
             f"[demo] sent in {time.monotonic() - t0:.1f} s; Orthanc forwards each stable series to the node"
         )
         pending = {"brain MR": mr.study_instance_uid, "chest CT": ct.study_instance_uid}
-        done: dict[str, dict[str, str]] = {}
         while pending and time.monotonic() - t0 < 600:
             for name, uid in list(pending.items()):
-                found = study_results(orthanc, uid)
-                if "SEG" in found and "SR" in found:
-                    done[name] = found
+                if has_results(orthanc, uid):
                     del pending[name]
                     print(f"[demo] {name}: SEG + SR stored in Orthanc after {time.monotonic() - t0:.1f} s")
             time.sleep(1)
@@ -128,9 +68,10 @@ def main() -> int:
                     f"{r['volumes_cm3']} cm3; {timings}"
                 )
         print("\n[demo] where to look")
-        for name, found in done.items():
-            print(f"  {name}: {orthanc}/app/explorer.html#study?uuid={found['study']}")
-        print(f"  Orthanc DICOMweb: {orthanc}/dicom-web/   (OHIF or any DICOMweb viewer)")
+        for name, series in (("brain MR", mr), ("chest CT", ct)):
+            study_id = orthanc.find_study(series.study_instance_uid)
+            print(f"  {name}: {orthanc.http_url}/app/explorer.html#study?uuid={study_id}")
+        print(f"  Orthanc DICOMweb: {orthanc.dicomweb_url}/   (OHIF or any DICOMweb viewer)")
         print(f"  admin page:       {node.http_url}/")
         if args.exit:
             return 0
@@ -141,10 +82,8 @@ def main() -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             return 0
-    finally:
-        node.stop()
-        os.kill(orthanc_pid, signal.SIGTERM)
-        print("[demo] stopped")
+        finally:
+            print("[demo] stopping")
 
 
 if __name__ == "__main__":

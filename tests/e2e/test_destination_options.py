@@ -21,8 +21,9 @@ from pydicom import dcmread
 
 from tests.support.datasets import lung_ct_series
 from tests.support.dcmtk import storescu
-from tests.support.node import ROOT, NodeProcess, free_port
+from tests.support.node import ROOT
 from tests.support.orthanc import OrthancServer, wait_for
+from tests.support.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 
@@ -37,34 +38,27 @@ def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(yaml.safe_dump(rules))
 
-    node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc").start("AINODE", node_port, stable_age=2)
-    destinations = [
-        {
-            "name": "pacs-labelmap",
-            "type": "dicom",
-            "ae_title": orthanc.aet,
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-            "seg_format": "labelmap",
-        },
-        {
-            "name": "web-labelmap",
-            "type": "dicomweb",
-            "url": orthanc.dicomweb_url,
-            "seg_format": "labelmap",
-            "key_images": True,
-        },
-    ]
-    node = NodeProcess(
-        tmp_path / "node",
-        pacs_aet=orthanc.aet,
-        pacs_port=orthanc.dicom_port,
-        dicom_port=node_port,
-        extra={"rules_file": str(rules_file), "destinations": destinations},
-    )
-    try:
-        node.start()
+    def node_config(orthanc: OrthancServer) -> dict[str, object]:
+        destinations = [
+            {
+                "name": "pacs-labelmap",
+                "type": "dicom",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "seg_format": "labelmap",
+            },
+            {
+                "name": "web-labelmap",
+                "type": "dicomweb",
+                "url": orthanc.dicomweb_url,
+                "seg_format": "labelmap",
+                "key_images": True,
+            },
+        ]
+        return {"rules_file": str(rules_file), "destinations": destinations}
+
+    with orthanc_with_node(tmp_path, node_extra=node_config) as (orthanc, node):
         ct = lung_ct_series(tmp_path / "ct", "lung1")
         storescu(list(ct.paths), orthanc.aet, orthanc.dicom_port)
 
@@ -117,6 +111,3 @@ def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
             assert mask.any() and coloured[mask].mean() > 0.95 and coloured[~mask].mean() < 0.01
             proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
             assert [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")] == []
-    finally:
-        node.stop()
-        orthanc.stop()

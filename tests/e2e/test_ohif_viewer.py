@@ -32,9 +32,9 @@ from scipy import ndimage
 
 from tests.support.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
 from tests.support.dcmtk import storescu
-from tests.support.node import NodeProcess, free_port
 from tests.support.ohif import OhifMissingError, OhifServer, ViewerCapture, capture_seg_slice, check_installed
 from tests.support.orthanc import OrthancServer
+from tests.support.stack import orthanc_with_node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
@@ -106,15 +106,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Viewe
     if missing:  # part of CI: fail (not skip) and say which install step is missing
         pytest.fail(missing, pytrace=False)
     work = tmp_path_factory.mktemp("ohif")
-    node_port = free_port()
-    orthanc = OrthancServer(work / "orthanc")
-    orthanc.start(node_aet="AINODE", node_port=node_port, stable_age=2)
-    node = NodeProcess(
-        work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port, dicom_port=node_port
-    )
-    server: OhifServer | None = None
-    try:
-        node.start()
+    with orthanc_with_node(work) as (orthanc, node):
         sources = {"ct": lung_ct_series(work / "ct", "lung1"), "mr": ch2_mr_series(work / "mr")}
         models = {"ct": "ct-lung-classical", "mr": "mr-brain"}
         storescu([*sources["ct"].paths, *sources["mr"].paths], orthanc.aet, orthanc.dicom_port)
@@ -135,24 +127,22 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Viewe
         node.stop()  # frees its CPU for Chromium; everything the viewer needs is in Orthanc now
         cases = {key: _case(sources[key], models[key], *found[key]) for key in sources}
         server = OhifServer(orthanc.http_port).start()
-        for key, case in cases.items():
-            try:
-                case.capture = capture_seg_slice(
-                    server,
-                    case.source.study_instance_uid,
-                    case.seg_series_instance_uid,
-                    case.source.sop_instance_uids[case.frame],
-                    work / f"viewer-{key}",
-                )
-            except RuntimeError as exc:  # the other modality still gets checked
-                case.error = str(exc)
-        _write_doc_screenshots(cases)
-        yield cases
-    finally:
-        if server is not None:
+        try:
+            for key, case in cases.items():
+                try:
+                    case.capture = capture_seg_slice(
+                        server,
+                        case.source.study_instance_uid,
+                        case.seg_series_instance_uid,
+                        case.source.sop_instance_uids[case.frame],
+                        work / f"viewer-{key}",
+                    )
+                except RuntimeError as exc:  # the other modality still gets checked
+                    case.error = str(exc)
+            _write_doc_screenshots(cases)
+            yield cases
+        finally:
             server.stop()
-        node.stop()
-        orthanc.stop()
 
 
 def _write_doc_screenshots(cases: dict[str, ViewerCase]) -> None:

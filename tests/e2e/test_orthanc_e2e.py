@@ -21,8 +21,8 @@ from dicom_ai_node.infer.registry import default_registry
 from dicom_ai_node.infer.volume import load_series
 from tests.support.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
 from tests.support.dcmtk import storescu
-from tests.support.node import NodeProcess, free_port
 from tests.support.orthanc import OrthancServer
+from tests.support.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 
@@ -54,14 +54,7 @@ def _result_files(orthanc: OrthancServer, study_uid: str, dest: Path) -> dict[st
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     work = tmp_path_factory.mktemp("e2e")
-    node_port = free_port()
-    orthanc = OrthancServer(work / "orthanc")
-    orthanc.start(node_aet="AINODE", node_port=node_port, stable_age=2)
-    node = NodeProcess(
-        work / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port, dicom_port=node_port
-    )
-    try:
-        node.start()
+    with orthanc_with_node(work) as (orthanc, node):
         mr = ch2_mr_series(work / "mr")
         ct = lung_ct_series(work / "ct", "lung1")
         t_sent = time.monotonic()
@@ -92,9 +85,6 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
             "turnaround_s": turnaround,
             "orthanc": orthanc,
         }
-    finally:
-        node.stop()
-        orthanc.stop()
 
 
 def _paths(files: dict[str, Path]) -> dict[str, Path]:

@@ -18,8 +18,8 @@ from pydicom.uid import generate_uid
 
 from tests.support.datasets import lung_ct_series
 from tests.support.dcmtk import storescu
-from tests.support.node import NodeProcess, free_port
 from tests.support.orthanc import OrthancServer, wait_for
+from tests.support.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 
@@ -58,13 +58,7 @@ def _late_slice(paths: list[Path], slice_spacing: float, dest: Path) -> Path:
 
 
 def test_rerun_is_idempotent_and_late_images_make_a_revision(tmp_path: Path) -> None:
-    node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc").start("AINODE", node_port, stable_age=2)
-    node = NodeProcess(
-        tmp_path / "node", pacs_aet=orthanc.aet, pacs_port=orthanc.dicom_port, dicom_port=node_port
-    )
-    try:
-        node.start()
+    with orthanc_with_node(tmp_path) as (orthanc, node):
         ct = lung_ct_series(tmp_path / "ct", "lung1")
         study = ct.study_instance_uid
         storescu(list(ct.paths), orthanc.aet, orthanc.dicom_port)
@@ -126,6 +120,3 @@ def test_rerun_is_idempotent_and_late_images_make_a_revision(tmp_path: Path) -> 
         new_sr.save_as(tmp_path / "new-sr.dcm")
         proc = subprocess.run(["dciodvfy", str(tmp_path / "new-sr.dcm")], capture_output=True, text=True)
         assert [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")] == []
-    finally:
-        node.stop()
-        orthanc.stop()
