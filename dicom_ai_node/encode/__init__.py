@@ -4,12 +4,12 @@ Typical use by the worker::
 
     uids = result_uids(series_uid, model, rule, revision)
     seg = encode_seg(headers, label_map, segments, model, rule, identity, uids)   # None: nothing found
-    measurements = measure(label_map, segments, voxel_volume_mm3(headers))
+    measurements = measure(label_map, segments, voxel_mm3)   # from the volume loader's geometry
     sr = encode_sr(headers, seg, measurements, model, rule, identity, uids, segments=segments)
 """
 
 from dicom_ai_node.encode.io import write_dataset
-from dicom_ai_node.encode.measure import label_counts, measure, voxel_volume_mm3
+from dicom_ai_node.encode.measure import label_counts, measure
 from dicom_ai_node.encode.seg import display_cielab, encode_seg, segment_numbers
 from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import deterministic_uid, result_uids, segment_tracking_uid
@@ -24,6 +24,5 @@ __all__ = [
     "result_uids",
     "segment_numbers",
     "segment_tracking_uid",
-    "voxel_volume_mm3",
     "write_dataset",
 ]

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset
 
 from dicom_ai_node.domain.results import SegmentMeasurement, SegmentSpec
 
@@ -47,28 +46,3 @@ def label_counts(label_map: npt.NDArray[np.integer]) -> dict[int, int]:
         chunk = np.bincount(flat[start : start + _COUNT_CHUNK], minlength=bins.size)
         bins += chunk
     return {value: int(count) for value, count in enumerate(bins.tolist()) if value != 0 and count > 0}
-
-
-def voxel_volume_mm3(source_datasets: Sequence[Dataset]) -> float:
-    """Voxel volume of a single-frame series in the given (slice) order, in mm3.
-
-    In-plane from PixelSpacing; through-plane from the median distance between consecutive
-    ImagePositionPatient along the slice normal (SliceThickness can differ from the spacing when
-    slices overlap or have gaps), or SliceThickness for a single slice.
-    """
-    if not source_datasets:
-        raise ValueError("no source datasets")
-    first = source_datasets[0]
-    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    if len(source_datasets) == 1:
-        return row_spacing * column_spacing * float(first.SliceThickness)
-    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
-    normal = np.cross(iop[:3], iop[3:])
-    positions = np.asarray(
-        [[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets], dtype=float
-    )
-    steps = np.abs(np.diff(positions @ normal))
-    slice_spacing = float(np.median(steps))
-    if slice_spacing <= 0:
-        raise ValueError("source slices share one position; cannot derive a slice spacing")
-    return row_spacing * column_spacing * slice_spacing

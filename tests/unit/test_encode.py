@@ -39,7 +39,6 @@ from dicom_ai_node.encode import (
     result_uids,
     segment_numbers,
     segment_tracking_uid,
-    voxel_volume_mm3,
     write_dataset,
 )
 from dicom_ai_node.errors import EncodeError, InferenceError
@@ -60,6 +59,31 @@ BRAIN = SegmentSpec(
     anatomic_region=CodedConcept("69536005", "SCT", "Head"),
 )
 WHOLE_LUNG = SegmentSpec(4, "Lung", SCT_ANATOMICAL_STRUCTURE, SCT_LUNG, (0, 151, 206))
+
+
+def voxel_volume_mm3(source_datasets: Sequence[Dataset]) -> float:
+    """The expected voxel volume of the synthetic series (the node takes it from the volume loader). Voxel volume of a single-frame series in the given (slice) order, in mm3.
+
+    In-plane from PixelSpacing; through-plane from the median distance between consecutive
+    ImagePositionPatient along the slice normal (SliceThickness can differ from the spacing when
+    slices overlap or have gaps), or SliceThickness for a single slice.
+    """
+    if not source_datasets:
+        raise ValueError("no source datasets")
+    first = source_datasets[0]
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    if len(source_datasets) == 1:
+        return row_spacing * column_spacing * float(first.SliceThickness)
+    iop = np.asarray([float(v) for v in first.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    positions = np.asarray(
+        [[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets], dtype=float
+    )
+    steps = np.abs(np.diff(positions @ normal))
+    slice_spacing = float(np.median(steps))
+    if slice_spacing <= 0:
+        raise ValueError("source slices share one position; cannot derive a slice spacing")
+    return row_spacing * column_spacing * slice_spacing
 
 
 @pytest.fixture(autouse=True)
