@@ -39,6 +39,27 @@ class SegmentSpec:
 
 
 @dataclass(frozen=True)
+class FindingSpec:
+    """One finding a classification model scores (e.g. "Pneumothorax"), reported in the SR as a
+    qualitative evaluation: present when the probability reaches `threshold`, absent otherwise."""
+
+    finding: CodedConcept
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class FindingResult:
+    """A classifier's answer for one finding: the probability (0..1) and the thresholded decision."""
+
+    spec: FindingSpec
+    probability: float
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.spec.threshold
+
+
+@dataclass(frozen=True)
 class ModelIdentity:
     """Algorithm identification (PS3.3 C.8.20.2 / Algorithm Identification Sequence)."""
 

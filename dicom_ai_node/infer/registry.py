@@ -1,4 +1,9 @@
-"""Model registry: name -> factory; each model is built on first use and kept warm.
+"""Model registry: manifests -> warm models, each built on first use and kept loaded.
+
+Manifests come from the package (dicom_ai_node/builtin_models/<name>/manifest.yaml) and from the
+directories an admin lists in `models.paths` (each either a model directory or a folder of them; a MONAI
+bundle directory without a manifest.yaml is read from its configs/metadata.json). A user model with the
+name of a built-in replaces it, so a site can pin its own version.
 
 Factories are called at most once per name, under a per-name lock, so concurrent first requests of a
 model load it once and requests for other models are not blocked by a slow load.
@@ -6,51 +11,74 @@ model load it once and requests for other models are not blocked by a slow load.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
-from dicom_ai_node.errors import ModelNotFoundError
-from dicom_ai_node.infer.base import SegmentationModel
+from dicom_ai_node.errors import ConfigError, ModelNotFoundError
+from dicom_ai_node.infer.base import Model
+from dicom_ai_node.infer.manifest import MANIFEST_FILE, ModelManifest, load_manifest
 
 log = logging.getLogger(__name__)
 
-ModelFactory = Callable[[], SegmentationModel]
+ModelFactory = Callable[[], Model]
+BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
 
 
 def select_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; any other value is returned unchanged."""
-    if device != "auto":
-        return device
-    import torch  # deferred: importing torch costs seconds and only the models need it
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one falls back to 'cpu'."""
+    from dicom_ai_node.infer.torch_model import resolve_device  # deferred: imports torch
 
-    # torch.cuda.is_available() returns False at once on machines without a driver.
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device)
 
 
 class ModelRegistry:
     def __init__(self) -> None:
         self._factories: dict[str, ModelFactory] = {}
-        self._models: dict[str, SegmentationModel] = {}
+        self._manifests: dict[str, ModelManifest] = {}
+        self._models: dict[str, Model] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._registry_lock = threading.Lock()
 
-    def register(self, name: str, factory: ModelFactory) -> None:
+    def register(self, name: str, factory: ModelFactory, manifest: ModelManifest | None = None) -> None:
         """Add a model; registering a name again replaces its factory and drops the warm instance."""
         with self._registry_lock:
             self._factories[name] = factory
+            if manifest is not None:
+                self._manifests[name] = manifest
+            else:
+                self._manifests.pop(name, None)
             self._models.pop(name, None)
             self._locks.setdefault(name, threading.Lock())
+
+    def register_manifest(self, manifest: ModelManifest, device: str = "auto") -> None:
+        self.register(manifest.name, lambda: build_model(manifest, device), manifest)
 
     def names(self) -> list[str]:
         with self._registry_lock:
             return sorted(self._factories)
 
+    def manifest(self, name: str) -> ModelManifest:
+        with self._registry_lock:
+            manifest = self._manifests.get(name)
+        if manifest is None:
+            raise ModelNotFoundError(
+                f"no model manifest named '{name}' (known: {', '.join(self.names()) or 'none'})"
+            )
+        return manifest
+
+    def manifests(self) -> list[ModelManifest]:
+        with self._registry_lock:
+            return [self._manifests[n] for n in sorted(self._manifests)]
+
     def is_loaded(self, name: str) -> bool:
         with self._registry_lock:
             return name in self._models
 
-    def get(self, name: str) -> SegmentationModel:
+    def get(self, name: str) -> Model:
         """The warm model called `name`, loading it on first use; ModelNotFoundError if unknown."""
         with self._registry_lock:
             model = self._models.get(name)
@@ -71,15 +99,56 @@ class ModelRegistry:
             return model
 
 
-def default_registry(device: str = "auto") -> ModelRegistry:
-    """The built-in models: 'mr-brain' (deepbet CNN) and 'ct-lung-classical' (threshold + components)."""
-    from dicom_ai_node.infer.models.brain_deepbet import MODEL_NAME as BRAIN
-    from dicom_ai_node.infer.models.brain_deepbet import DeepbetBrainModel
-    from dicom_ai_node.infer.models.lung_classical import MODEL_NAME as LUNG
-    from dicom_ai_node.infer.models.lung_classical import ClassicalLungModel
+def build_model(manifest: ModelManifest, device: str = "auto") -> Model:
+    """Construct the warm model a manifest describes (imports torch/monai only now)."""
+    if manifest.format == "builtin":
+        assert manifest.entry is not None  # the manifest validator requires it
+        module_name, _, class_name = manifest.entry.partition(":")
+        cls: Any = getattr(importlib.import_module(module_name), class_name)
+        model: Model = cls(manifest=manifest, device=select_device(device))
+        return model
+    if manifest.format == "monai-bundle":
+        from dicom_ai_node.infer.bundle import BundleModel
 
+        return BundleModel.from_manifest(manifest, device)
+    from dicom_ai_node.infer.torch_model import build_from_manifest
+
+    built: Model = build_from_manifest(manifest, device)
+    return built
+
+
+def discover_manifests(paths: Iterable[Path]) -> list[ModelManifest]:
+    """Manifests found in `paths`: a model directory, or a folder whose subdirectories are models."""
+    found: list[ModelManifest] = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"models.paths: {path} does not exist")
+        if _is_model_dir(path):
+            found.append(_load_any(path))
+            continue
+        for child in sorted(p for p in path.iterdir() if p.is_dir()):
+            if _is_model_dir(child):
+                found.append(_load_any(child))
+    return found
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file() or (path / "configs" / "metadata.json").is_file()
+
+
+def _load_any(path: Path) -> ModelManifest:
+    if (path / MANIFEST_FILE).is_file():
+        return load_manifest(path)
+    from dicom_ai_node.infer.bundle import manifest_from_bundle
+
+    return manifest_from_bundle(path)
+
+
+def default_registry(device: str = "auto", user_paths: Iterable[Path] = ()) -> ModelRegistry:
+    """The built-in models plus the user models found in `user_paths` (a user model may replace one)."""
     registry = ModelRegistry()
-    # The device is resolved when the model loads, so building a registry never imports torch.
-    registry.register(BRAIN, lambda: DeepbetBrainModel(device=select_device(device)))
-    registry.register(LUNG, ClassicalLungModel)
+    # Building a registry reads YAML only: torch is imported when a model first loads.
+    for manifest in discover_manifests([BUILTIN_MODELS_DIR, *user_paths]):
+        registry.register_manifest(manifest, device)
     return registry

@@ -9,24 +9,19 @@ so the mask maps back to the DICOM grid by a transpose only (see volume.to_nifti
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import threading
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from dicom_ai_node.domain.results import (
-    SCT_ANATOMICAL_STRUCTURE,
-    SCT_BRAIN,
-    ModelIdentity,
-    SegmentSpec,
-)
+from dicom_ai_node.domain.results import ModelIdentity
 from dicom_ai_node.errors import InferenceError
+from dicom_ai_node.infer.manifest import ModelManifest, sha256_of, verify_weights
 from dicom_ai_node.infer.volume import Volume, mask_from_nifti_grid, to_nifti_ras
 
-MODEL_NAME = "mr-brain"
 BRAIN_LABEL = 1
 
 
@@ -40,19 +35,22 @@ def _deepbet_version() -> str:
 class DeepbetBrainModel:
     """Warm deepbet model; `segment` is serialised because BrainExtraction keeps per-call state."""
 
+    task: Literal["segmentation"] = "segmentation"
     accepts_modalities: tuple[str, ...] = ("MR",)
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, manifest: ModelManifest, device: str = "cpu") -> None:
         # deepbet imports torch: keep it out of module import so the registry stays cheap to build.
         from deepbet.bet import BrainExtraction
         from deepbet.utils import DATA_PATH
 
         model_path = Path(DATA_PATH) / "models" / "model.pt"
         bbox_model_path = Path(DATA_PATH) / "models" / "bbox_model.pt"
-        for path in (model_path, bbox_model_path):
-            if not path.is_file():
-                raise InferenceError(f"deepbet weights missing at {path}: reinstall the deepbet wheel")
-        self.weights_sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        problems = verify_weights(manifest)
+        if problems:
+            raise InferenceError(
+                f"deepbet weights not verified ({'; '.join(problems)}): reinstall the deepbet wheel"
+            )
+        self.weights_sha256 = sha256_of(model_path)
         # no_gpu=False lets deepbet pick its own accelerator (CUDA/MPS) when the caller asked for one.
         with warnings.catch_warnings():
             # torch 2.13 deprecates torch.jit.load, which deepbet uses for its TorchScript weights.
@@ -65,19 +63,15 @@ class DeepbetBrainModel:
         self._lock = threading.Lock()
         self.device = device
         self.identity = ModelIdentity(
-            name=MODEL_NAME,
-            version=f"deepbet-{_deepbet_version()}",
-            description=f"deepbet brain extraction CNN (MIT), weights sha256 {self.weights_sha256[:16]}",
+            name=manifest.name,
+            version=manifest.version,
+            description=f"{manifest.description}, deepbet {_deepbet_version()}, weights sha256 {self.weights_sha256[:16]}",
         )
-        self.segments = [
-            SegmentSpec(
-                label_value=BRAIN_LABEL,
-                label="Brain",
-                category=SCT_ANATOMICAL_STRUCTURE,
-                property_type=SCT_BRAIN,
-                rgb=(255, 160, 80),
+        self.segments = manifest.segment_specs
+        if [s.label_value for s in self.segments] != [BRAIN_LABEL]:
+            raise InferenceError(
+                f"model {manifest.name}: deepbet outputs one segment with value {BRAIN_LABEL}"
             )
-        ]
 
     def segment(self, volume: Volume) -> np.ndarray:
         image = to_nifti_ras(volume)

@@ -20,6 +20,8 @@ report and for exercising the SEG/SR path end to end:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import cc3d
 import fill_voids
 import nibabel as nib
@@ -34,6 +36,7 @@ from dicom_ai_node.domain.results import (
     SegmentSpec,
 )
 from dicom_ai_node.errors import InferenceError
+from dicom_ai_node.infer.manifest import ModelManifest
 from dicom_ai_node.infer.volume import Volume
 
 MODEL_NAME = "ct-lung-classical"
@@ -62,12 +65,14 @@ _MIN_SPLIT_SIDE_FRACTION = 0.15
 class ClassicalLungModel:
     """Threshold + connected-components lung segmentation; stateless, so safe to share between threads."""
 
+    task: Literal["segmentation"] = "segmentation"
     accepts_modalities: tuple[str, ...] = ("CT",)
 
-    def __init__(self) -> None:
+    def __init__(self, manifest: ModelManifest | None = None, device: str = "cpu") -> None:
+        # Pure numpy/scipy: the device is accepted for the registry's uniform call and ignored.
         self.identity = ModelIdentity(
-            name=MODEL_NAME,
-            version=MODEL_VERSION,
+            name=manifest.name if manifest else MODEL_NAME,
+            version=manifest.version if manifest else MODEL_VERSION,
             description="classical lung segmentation: HU threshold, connected components, midline split",
         )
         self.segments = [
