@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -16,6 +16,9 @@ from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeSettings, load_settings
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import ConfigError, DeliveryError, InvalidDicomError, RuleError
+
+if TYPE_CHECKING:
+    from dicom_ai_node.infer.registry import ModelRegistry
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
@@ -225,7 +228,6 @@ def rules_validate(
 ) -> None:
     """Check a rules file: syntax, operators, regexes, and that models and destinations exist."""
     from dicom_ai_node.domain.rules import load_rules
-    from dicom_ai_node.infer.registry import default_registry
 
     settings = _settings(config)
     try:
@@ -233,7 +235,7 @@ def rules_validate(
     except RuleError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    problems = ruleset.check_references(default_registry().names(), [d.name for d in settings.destinations])
+    problems = ruleset.check_references(_registry(config).names(), [d.name for d in settings.destinations])
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
     if problems:
@@ -300,13 +302,110 @@ def jobs_rerun(job_id: int, config: ConfigOption = None) -> None:
     typer.echo(f"job {job_id} re-run as job {new_id}")
 
 
-@models_app.command("list")
-def models_list() -> None:
-    """Built-in models."""
+def _registry(config: Path | None) -> ModelRegistry:
     from dicom_ai_node.infer.registry import default_registry
 
-    for name in default_registry().names():
-        typer.echo(name)
+    settings = _settings(config)
+    try:
+        return default_registry(settings.models.device, settings.models.paths)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@models_app.command("list")
+def models_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Built-in and user models (from models.paths), one line each."""
+    from dicom_ai_node.infer.registry import BUILTIN_MODELS_DIR
+
+    manifests = _registry(config).manifests()
+    if as_json:
+        typer.echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
+        return
+    typer.echo(f"{'NAME':22} {'VERSION':10} {'TASK':15} {'FORMAT':13} {'MODALITIES':12} SOURCE")
+    for m in manifests:
+        source = "built-in" if m.directory and m.directory.parent == BUILTIN_MODELS_DIR else str(m.directory)
+        typer.echo(
+            f"{m.name:22} {m.version:10} {m.task:15} {m.format:13} {','.join(m.accepts.modalities):12} {source}"
+        )
+
+
+@models_app.command("show")
+def models_show(name: str, config: ConfigOption = None) -> None:
+    """Everything the manifest says about one model: input, outputs, weights, licence, provenance."""
+    from dicom_ai_node.errors import ModelNotFoundError
+
+    try:
+        m = _registry(config).manifest(name)
+    except ModelNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    spec = m.input
+    lines = [
+        f"{m.name} {m.version} ({m.task}, {m.format})",
+        f"  {m.description}",
+        f"directory:     {m.directory}",
+        f"accepts:       modalities {', '.join(m.accepts.modalities)}"
+        + (f"; body parts {', '.join(m.accepts.body_parts)}" if m.accepts.body_parts else ""),
+        f"input:         orientation {spec.orientation}, spacing {spec.spacing_mm or 'source'} mm"
+        + (f", size {spec.size}" if spec.size else "")
+        + f", window {spec.intensity.window or 'auto'}, normalise {spec.intensity.normalise}",
+    ]
+    if m.inference.roi_size:
+        lines.append(f"inference:     sliding window {m.inference.roi_size}, overlap {m.inference.overlap}")
+    for seg in m.outputs.segments:
+        lines.append(
+            f"segment {seg.value}:     {seg.label} ({seg.type.scheme} {seg.type.value} {seg.type.meaning}), "
+            f"colour {seg.colour}"
+        )
+    for f in m.outputs.findings:
+        lines.append(
+            f"finding {f.index}:     {f.finding.meaning} ({f.finding.scheme} {f.finding.value}), "
+            f"present at probability >= {f.threshold}"
+        )
+    for w in m.weights:
+        lines.append(f"weights:       {w.file} sha256 {w.sha256}")
+    lines += [
+        f"licence:       {m.licence}",
+        f"training data: {m.training_data}",
+        f"intended use:  {m.intended_use}",
+    ]
+    if m.limits:
+        lines.append(f"limits:        {m.limits}")
+    typer.echo("\n".join(lines))
+
+
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="models to verify (default: all)")] = None,
+    config: ConfigOption = None,
+    load: Annotated[bool, typer.Option("--load", help="also load each model (weights into the network)")] = False,
+) -> None:
+    """Check each model's weights against the manifest's sha256 (and with --load, that it loads)."""
+    from dicom_ai_node.infer.manifest import verify_weights
+
+    registry = _registry(config)
+    selected = names or registry.names()
+    failed = 0
+    for name in selected:
+        try:
+            manifest = registry.manifest(name)
+            problems = verify_weights(manifest)
+            if not problems and load:
+                registry.get(name)
+        except Exception as exc:  # noqa: BLE001 - report every model, then fail the command
+            problems = [f"{type(exc).__name__}: {exc}"]
+        if problems:
+            failed += 1
+            typer.echo(f"FAIL {name}: " + "; ".join(problems))
+        else:
+            checked = f"{len(manifest.weights)} weights file(s) match sha256" if manifest.weights else "no weights"
+            typer.echo(f"OK   {name} {manifest.version}: {checked}" + (", loaded" if load else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

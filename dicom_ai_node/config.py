@@ -128,7 +128,13 @@ class WorkerSettings(_Strict):
 
 
 class ModelSettings(_Strict):
+    # auto: CUDA when a usable GPU is present, else CPU; "cuda" without a GPU falls back to CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # User model directories: each a model directory (manifest.yaml or a MONAI bundle) or a folder of them.
+    paths: list[Path] = Field(default_factory=list)
+    # Hard limit per inference: a model still running after this is killed (its process is restarted)
+    # and the job fails; 0 runs models in the worker process itself, without a limit.
+    inference_timeout_s: float = Field(900, ge=0)
 
 
 class IdentitySettings(_Strict):

@@ -83,7 +83,7 @@ def build_services(settings: NodeSettings, registry: ModelRegistry | None = None
         queue=JobQueue(engine, policy),
         spool=Spool(settings.spool_dir),
         rules=RulesFile(settings.rules_file),
-        registry=registry or default_registry(settings.models.device),
+        registry=registry or default_registry(settings.models.device, settings.models.paths),
         engine=engine,
     )
 

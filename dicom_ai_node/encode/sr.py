@@ -57,6 +57,8 @@ _PROCEDURE_BY_MODALITY: dict[str, Code] = {
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
     "PT": codes.LN.PETUnspecifiedBodyRegion,
     "NM": codes.LN.NMUnspecifiedBodyRegion,
+    "CR": codes.LN.XRUnspecifiedBodyRegion,
+    "DX": codes.LN.XRUnspecifiedBodyRegion,
 }
 
 
@@ -139,20 +141,10 @@ def encode_sr(
             )
         )
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_observer_uid(identity.device_serial_number, model),
-            name=model.name,
-            manufacturer_name=identity.manufacturer,
-            model_name=model.version,
-            serial_number=identity.device_serial_number,
-        ),
-    )
     modality = str(source_datasets[0].get("Modality", ""))
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure),
+        observation_context=observation_context(identity, model),
+        procedure_reported=procedure_code(modality),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
     )
@@ -187,6 +179,26 @@ def encode_sr(
     if identity.station_name:
         sr.StationName = identity.station_name  # Type 3, not a constructor argument
     return sr
+
+
+def observation_context(identity: OutputIdentity, model: ModelIdentity) -> hd.sr.ObservationContext:
+    """TID 1004 device observer: this node running `model` (name = model name, model name = version)."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(identity.device_serial_number, model),
+            name=model.name,
+            manufacturer_name=identity.manufacturer,
+            model_name=model.version,
+            serial_number=identity.device_serial_number,
+        ),
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def procedure_code(modality: str) -> Code:
+    """CID 100 procedure reported for the source modality (unspecified body region)."""
+    return _PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure)
 
 
 @dataclass(frozen=True)

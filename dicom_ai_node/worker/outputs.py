@@ -12,12 +12,19 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from dicom_ai_node.config import Destination
-from dicom_ai_node.domain.results import ModelIdentity, OutputIdentity, RuleIdentity, SegmentMeasurement
+from dicom_ai_node.domain.results import (
+    FindingResult,
+    ModelIdentity,
+    OutputIdentity,
+    RuleIdentity,
+    SegmentMeasurement,
+    SegmentSpec,
+)
+from dicom_ai_node.encode.classification_sr import encode_classification_sr
 from dicom_ai_node.encode.keyimages import encode_key_images
 from dicom_ai_node.encode.seg import SegFormat, encode_seg
 from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import result_uids
-from dicom_ai_node.infer.base import SegmentationModel
 from dicom_ai_node.persistence.repository import ResultKind
 from dicom_ai_node.store.spool import RESULTS
 
@@ -76,7 +83,8 @@ class ResultInputs:
     series_instance_uid: str
     source_datasets: Sequence[Dataset]
     label_map: np.ndarray
-    model: SegmentationModel
+    model: ModelIdentity
+    segments: list[SegmentSpec]
     rule: RuleIdentity
     identity: OutputIdentity
     revision: int
@@ -84,11 +92,23 @@ class ResultInputs:
     pixel_values: np.ndarray  # the source volume in modality units, for key images
 
 
+@dataclass(frozen=True)
+class ClassificationInputs:
+    job_id: int
+    series_instance_uid: str
+    source_datasets: Sequence[Dataset]
+    findings: Sequence[FindingResult]
+    model: ModelIdentity
+    rule: RuleIdentity
+    identity: OutputIdentity
+    revision: int
+
+
 def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVariant) -> StoredResult:
     """Encode SEG + SR in one variant, write them to the spool and record them (idempotent on UID)."""
     uids = result_uids(
         inputs.series_instance_uid,
-        inputs.model.identity,
+        inputs.model,
         inputs.rule,
         revision=inputs.revision,
         variant=variant.key,
@@ -96,8 +116,8 @@ def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVarian
     seg = encode_seg(
         inputs.source_datasets,
         inputs.label_map,
-        inputs.model.segments,
-        inputs.model.identity,
+        inputs.segments,
+        inputs.model,
         inputs.rule,
         inputs.identity,
         uids,
@@ -109,49 +129,69 @@ def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVarian
         inputs.source_datasets,
         seg,
         inputs.measurements,
-        inputs.model.identity,
+        inputs.model,
         inputs.rule,
         inputs.identity,
         uids,
-        segments=inputs.model.segments,
+        segments=inputs.segments,
         revision=inputs.revision,
         predecessor=predecessor_sr(
-            ctx, inputs.series_instance_uid, inputs.model.identity, inputs.rule, inputs.revision, variant
+            ctx, inputs.series_instance_uid, inputs.model, inputs.rule, inputs.revision, variant
         ),
     )
     # No SEG when nothing was found: only the SR, saying so.
     objects: list[tuple[ResultKind, Dataset]] = [("SEG", seg)] if seg is not None else []
-    return _store(ctx, inputs, [*objects, ("SR", sr)])
+    return _store(ctx, inputs.job_id, inputs.series_instance_uid, [*objects, ("SR", sr)])
+
+
+def encode_and_store_classification(
+    ctx: StageContext, inputs: ClassificationInputs
+) -> StoredResult:
+    """Encode a classifier's findings as one SR (no SEG: there is no region), spool and record it."""
+    uids = result_uids(inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision)
+    sr = encode_classification_sr(
+        inputs.source_datasets,
+        inputs.findings,
+        inputs.model,
+        inputs.rule,
+        inputs.identity,
+        uids,
+        revision=inputs.revision,
+        predecessor=predecessor_sr(
+            ctx, inputs.series_instance_uid, inputs.model, inputs.rule, inputs.revision
+        ),
+    )
+    return _store(ctx, inputs.job_id, inputs.series_instance_uid, [("SR", sr)])
 
 
 def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
     """Secondary Capture key images with the overlay burned in (for destinations with key_images)."""
     key = result_uids(
-        inputs.series_instance_uid, inputs.model.identity, inputs.rule, revision=inputs.revision
+        inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision
     )
     images = encode_key_images(
         inputs.pixel_values,
         inputs.source_datasets,
         inputs.label_map,
-        inputs.model.segments,
-        inputs.model.identity,
+        inputs.segments,
+        inputs.model,
         inputs.identity,
         result_key=key.seg_series_instance_uid,
         revision=inputs.revision,
     )
-    return _store(ctx, inputs, [("SC", ds) for ds in images])
+    return _store(ctx, inputs.job_id, inputs.series_instance_uid, [("SC", ds) for ds in images])
 
 
 def _store(
-    ctx: StageContext, inputs: ResultInputs, objects: Sequence[tuple[ResultKind, Dataset]]
+    ctx: StageContext, job_id: int, series_uid: str, objects: Sequence[tuple[ResultKind, Dataset]]
 ) -> StoredResult:
     """Write result objects to the spool and record them (idempotent on SOP Instance UID)."""
     stored = StoredResult()
     for kind, ds in objects:
         rel = ctx.spool.write_dataset(ds, RESULTS)
         ctx.repo.add_result(
-            job_id=inputs.job_id,
-            source_series_instance_uid=inputs.series_instance_uid,
+            job_id=job_id,
+            source_series_instance_uid=series_uid,
             kind=kind,
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),

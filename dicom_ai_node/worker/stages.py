@@ -1,7 +1,8 @@
 """The two job kinds, each composed from the stages in one readable function.
 
-infer:   load series -> volume -> model -> SEG + SR (deterministic UIDs) -> spool + results rows
-         -> one `deliver` job per destination
+infer:   load series -> volume -> model (in the inference host, under a hard timeout)
+         -> segmentation: SEG + SR (TID 1500 volumes); classification: SR (findings + probability)
+         -> spool + results rows (deterministic UIDs) -> one `deliver` job per destination
 deliver: spool files -> C-STORE SCU -> done (transient failures retry with backoff; permanent go dead)
 
 Delivery is its own job so a PACS outage re-runs only the sending, never the inference.
@@ -23,15 +24,17 @@ from dicom_ai_node.domain.jobs import JobKind
 from dicom_ai_node.domain.results import RuleIdentity
 from dicom_ai_node.encode.measure import measure
 from dicom_ai_node.errors import InferenceError, PermanentDeliveryError, TransientDeliveryError
-from dicom_ai_node.infer.registry import ModelRegistry
+from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.volume import load_series, voxel_volume_mm3
 from dicom_ai_node.persistence.queue import Job, JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.store.spool import Spool
 from dicom_ai_node.worker.outputs import (
     PLAIN_BINARY,
+    ClassificationInputs,
     ResultInputs,
     encode_and_store,
+    encode_and_store_classification,
     needed_variants,
     store_key_images,
     variant_of,
@@ -46,7 +49,7 @@ class StageContext:
     repo: SeriesRepository
     queue: JobQueue
     spool: Spool
-    registry: ModelRegistry
+    inference: InferenceHost
     software_version: str
 
 
@@ -63,69 +66,102 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    model = ctx.registry.get(p["model"])
-    label_map = model.segment(volume)
+    # The model runs in the inference host's child process (warm between jobs, killed at the timeout).
+    result = ctx.inference.run(p["model"], volume)
     timings["infer_s"] = time.perf_counter() - t
-    if label_map.shape != volume.array.shape:
-        raise InferenceError(f"model {p['model']} returned shape {label_map.shape}, expected {volume.shape}")
 
     t = time.perf_counter()
     # Same series + model version + rule version + generation -> the same UIDs: a re-run job replaces
     # its objects in the PACS instead of adding a second result series. A late instance re-opens the
     # series as a new generation: its results are a new revision with new UIDs, and the SR names the
     # one it supersedes (never a silent overwrite).
-    inputs = ResultInputs(
-        job_id=job.id,
-        series_instance_uid=series_uid,
-        source_datasets=volume.datasets,
-        label_map=label_map,
-        model=model,
-        rule=RuleIdentity(p["rule_id"], int(p["rule_version"])),
-        identity=ctx.settings.identity.output_identity(ctx.software_version),
-        revision=int(p.get("generation", 1)),
-        measurements=measure(label_map, model.segments, voxel_volume_mm3(volume)),
-        pixel_values=volume.array,
-    )
+    rule = RuleIdentity(p["rule_id"], int(p["rule_version"]))
+    identity = ctx.settings.identity.output_identity(ctx.software_version)
+    revision = int(p.get("generation", 1))
     destinations = [ctx.settings.destination(name) for name in p["destinations"]]
-    stored = {variant: encode_and_store(ctx, inputs, variant) for variant in needed_variants(destinations)}
-    key_images = store_key_images(ctx, inputs).files if any(d.key_images for d in destinations) else []
+    deliveries: dict[str, tuple[list[str], list[str]]] = {}
+    summary: dict[str, Any]
+    if result.task == "classification":
+        assert result.findings is not None
+        stored_sr = encode_and_store_classification(
+            ctx,
+            ClassificationInputs(
+                job.id, series_uid, volume.datasets, result.findings, result.identity, rule, identity, revision
+            ),
+        )
+        sop_uids = stored_sr.sop_instance_uids
+        # One SR serves every destination: SEG encodings and key images do not apply.
+        deliveries = {d.name: (stored_sr.files, []) for d in destinations}
+        summary = {"findings": {f.spec.finding.meaning: round(f.probability, 4) for f in result.findings}}
+        found_text = ", ".join(
+            f"{f.spec.finding.meaning} {f.probability:.3f}{' present' if f.present else ''}" for f in result.findings
+        )
+    else:
+        label_map = result.label_map
+        if label_map is None or label_map.shape != volume.array.shape:
+            got = None if label_map is None else label_map.shape
+            raise InferenceError(f"model {p['model']} returned shape {got}, expected {volume.shape}")
+        inputs = ResultInputs(
+            job_id=job.id,
+            series_instance_uid=series_uid,
+            source_datasets=volume.datasets,
+            label_map=label_map,
+            model=result.identity,
+            segments=result.segments,
+            rule=rule,
+            identity=identity,
+            revision=revision,
+            measurements=measure(label_map, result.segments, voxel_volume_mm3(volume)),
+            pixel_values=volume.array,
+        )
+        stored = {variant: encode_and_store(ctx, inputs, variant) for variant in needed_variants(destinations)}
+        key_images = store_key_images(ctx, inputs).files if any(d.key_images for d in destinations) else []
+        for destination in destinations:
+            variant = variant_of(destination)
+            extra = key_images if destination.key_images else []
+            # A PACS that refuses the LABELMAP SEG gets the plain BINARY one instead.
+            fallback = stored[PLAIN_BINARY].files + extra if variant.labelmap else []
+            deliveries[destination.name] = (stored[variant].files + extra, fallback)
+        sop_uids = [uid for r in stored.values() for uid in r.sop_instance_uids]
+        volumes = {m.label: round(m.volume_cm3, 2) for m in inputs.measurements if m.voxel_count}
+        summary = {"volumes_cm3": volumes}
+        found_text = str(volumes or "nothing found")
     timings["encode_s"] = time.perf_counter() - t
 
-    for destination in destinations:
-        variant = variant_of(destination)
-        extra = key_images if destination.key_images else []
-        files = stored[variant].files + extra
+    for name, (files, fallback_files) in deliveries.items():
         ctx.queue.enqueue(
             JobKind.DELIVER,
             {
-                "destination": destination.name,
+                "destination": name,
                 "files": files,
-                # A PACS that refuses the LABELMAP SEG gets the plain BINARY one instead.
-                "fallback_files": stored[PLAIN_BINARY].files + extra if variant.labelmap else [],
+                "fallback_files": fallback_files,
                 "series_instance_uid": series_uid,
                 "infer_job_id": job.id,
             },
-            dedupe_key=f"deliver:{series_uid}:{destination.name}:job{job.id}:a{job.attempts}",
+            dedupe_key=f"deliver:{series_uid}:{name}:job{job.id}:a{job.attempts}",
             priority=job.priority,
             max_attempts=ctx.settings.worker.max_attempts,
         )
     timings["total_s"] = time.perf_counter() - t0
-    found = {m.label: round(m.volume_cm3, 2) for m in inputs.measurements if m.voxel_count}
     log.info(
-        "infer job %d: series %s model %s -> %s (%s)",
+        "infer job %d: series %s model %s %s on %s -> %s (%s)",
         job.id,
         series_uid,
-        model.identity.name,
-        found or "nothing found",
+        result.identity.name,
+        result.identity.version,
+        result.device,
+        found_text,
         ", ".join(f"{k} {v:.2f}" for k, v in timings.items()),
     )
     return {
-        "model": model.identity.name,
-        "model_version": model.identity.version,
-        "rule_id": inputs.rule.rule_id,
-        "rule_version": inputs.rule.rule_version,
-        "sop_instance_uids": [uid for result in stored.values() for uid in result.sop_instance_uids],
-        "volumes_cm3": found,
+        "model": result.identity.name,
+        "model_version": result.identity.version,
+        "task": result.task,
+        "device": result.device,
+        "rule_id": rule.rule_id,
+        "rule_version": rule.rule_version,
+        "sop_instance_uids": sop_uids,
+        **summary,
         "timings": timings,
     }
 
