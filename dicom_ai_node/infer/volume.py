@@ -39,6 +39,8 @@ _GAP_SPREAD_WARNING = 0.01
 _MAX_VOXELS = 1 << 31
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Projection radiography: images without an Image Plane module (no patient-space geometry).
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "XA", "RF"})
 
 
 @dataclass
@@ -160,6 +162,8 @@ def _read_header(path: Path) -> _Header:
         raise InvalidDicomError(
             f"series {series_uid}: instance {sop_uid} is colour: only grayscale supported"
         )
+    if str(ds.get("Modality", "")) in PROJECTION_MODALITIES and ds.get("ImageOrientationPatient") is None:
+        return _projection_header(path, ds, series_uid, sop_uid)
     missing = [
         keyword
         for keyword in ("Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
@@ -183,6 +187,27 @@ def _read_header(path: Path) -> _Header:
     ):
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has non-unit orientation cosines")
     return _Header(path, ds, row_cosines, col_cosines, ipp, (row_spacing, col_spacing))
+
+
+def _projection_header(path: Path, ds: pydicom.Dataset, series_uid: str, sop_uid: str) -> _Header:
+    """A projection radiograph (CR, DX, ...) has no patient-space plane: give it a nominal one.
+
+    Rows/columns become the x/y axes at the detector's pixel spacing (ImagerPixelSpacing when
+    PixelSpacing is absent, as DX usually writes it; 1 mm when neither is present), and each image is
+    its own "slice" at z = InstanceNumber, so a series of projections is never merged as duplicates.
+    Only classifiers use such volumes: the geometry is not a patient position.
+    """
+    if ds.get("Rows") is None or ds.get("Columns") is None:
+        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} lacks Rows, Columns")
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
+    try:
+        row_spacing, col_spacing = (float(v) for v in spacing)
+    except (TypeError, ValueError) as exc:
+        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed pixel spacing") from exc
+    if row_spacing <= 0 or col_spacing <= 0:
+        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed pixel spacing")
+    position = np.array([0.0, 0.0, float(ds.get("InstanceNumber", 1) or 1)])
+    return _Header(path, ds, np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), position, (row_spacing, col_spacing))
 
 
 def _check_one_grid(headers: list[_Header]) -> None:

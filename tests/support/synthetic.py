@@ -28,6 +28,8 @@ from pydicom.uid import (
 
 AXIAL: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
 FAKE_PATIENT_NAME = "Synthetic^Phantom"
 FAKE_PATIENT_ID = "SYNTH-0001"
 
@@ -258,3 +260,71 @@ def _add_mr_image(ds: Dataset) -> None:
     ds.MagneticFieldStrength = 1.5
     ds.ImagingFrequency = 63.87
     ds.ImagedNucleus = "1H"
+
+
+def write_cr_image(
+    directory: Path | str,
+    brightness: float,
+    *,
+    rows: int = 256,
+    cols: int = 256,
+    study_instance_uid: str | None = None,
+    body_part: str = "CHEST",
+) -> Path:
+    """Write one chest CR image (CR Image Storage, PA view, no Image Plane module, as real CRs).
+
+    `brightness` (0..1) scales a smooth "thorax" pattern: classifiers in the tests score it, so a bright
+    and a dark image give predictably different probabilities.
+    """
+    out_dir = Path(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[:rows, :cols]
+    thorax = np.exp(-(((x - cols / 2) / (cols / 3)) ** 2 + ((y - rows / 2) / (rows / 2.5)) ** 2))
+    pixels = np.rint(4095 * np.clip(brightness * (0.5 + 0.5 * thorax), 0, 1)).astype("<u2")
+    now = datetime.datetime(2001, 1, 1, 12, 0, 0)
+    sop_instance_uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(CR_IMAGE_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = CR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.PatientName = FAKE_PATIENT_NAME
+    ds.PatientID = FAKE_PATIENT_ID
+    ds.PatientBirthDate = "19000101"
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = study_instance_uid or generate_uid()
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "SYNTH1"
+    ds.AccessionNumber = "SYNTHACC1"
+    ds.StudyDescription = "Synthetic chest radiograph"
+    ds.Modality = "CR"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = "Synthetic chest PA"
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.Manufacturer = "Synthetic"
+    ds.InstanceNumber = 1
+    ds.ContentDate = ds.StudyDate
+    ds.ContentTime = ds.StudyTime
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PixelSpacing = [0.2, 0.2]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    path = out_dir / "cr_0001.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
