@@ -382,7 +382,9 @@ def models_show(name: str, config: ConfigOption = None) -> None:
 def models_verify(
     names: Annotated[list[str] | None, typer.Argument(help="models to verify (default: all)")] = None,
     config: ConfigOption = None,
-    load: Annotated[bool, typer.Option("--load", help="also load each model (weights into the network)")] = False,
+    load: Annotated[
+        bool, typer.Option("--load", help="also load each model (weights into the network)")
+    ] = False,
 ) -> None:
     """Check each model's weights against the manifest's sha256 (and with --load, that it loads)."""
     from dicom_ai_node.infer.manifest import verify_weights
@@ -402,7 +404,9 @@ def models_verify(
             failed += 1
             typer.echo(f"FAIL {name}: " + "; ".join(problems))
         else:
-            checked = f"{len(manifest.weights)} weights file(s) match sha256" if manifest.weights else "no weights"
+            checked = (
+                f"{len(manifest.weights)} weights file(s) match sha256" if manifest.weights else "no weights"
+            )
             typer.echo(f"OK   {name} {manifest.version}: {checked}" + (", loaded" if load else ""))
     if failed:
         raise typer.Exit(1)

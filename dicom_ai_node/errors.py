@@ -61,3 +61,7 @@ class TransientDeliveryError(DeliveryError, TransientError):
 
 class PermanentDeliveryError(DeliveryError, PermanentError):
     pass
+
+
+class InferenceTimeoutError(InferenceError):
+    """A model ran past models.inference_timeout_s; its process was killed (retrying would hang again)."""

@@ -19,6 +19,7 @@ from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.domain.jobs import JobKind, RetryPolicy
 from dicom_ai_node.domain.rules import RuleSet, load_rules
+from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry
 from dicom_ai_node.persistence.db import create_schema, make_engine
 from dicom_ai_node.persistence.queue import JobQueue
@@ -134,8 +135,11 @@ def _guarded(fn: Any, name: str) -> Any:
 
 def build_workers(services: Services, kinds: list[JobKind]) -> list[Worker]:
     """One worker thread per job kind, so a slow inference never delays deliveries."""
+    # One inference host per node: infer jobs run one at a time in its warm child process, so each
+    # model is loaded once (not once per thread) and a hung model can be killed at the timeout.
+    inference = InferenceHost.from_settings(services.settings.models)
     ctx = StageContext(
-        services.settings, services.repo, services.queue, services.spool, services.registry, __version__
+        services.settings, services.repo, services.queue, services.spool, inference, __version__
     )
     handlers = {
         JobKind.INFER: lambda job: run_infer(job, ctx),

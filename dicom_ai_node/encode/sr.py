@@ -198,7 +198,8 @@ def observation_context(identity: OutputIdentity, model: ModelIdentity) -> hd.sr
 
 def procedure_code(modality: str) -> Code:
     """CID 100 procedure reported for the source modality (unspecified body region)."""
-    return _PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure)
+    default: Code = codes.cid100.ImagingProcedure
+    return _PROCEDURE_BY_MODALITY.get(modality, default)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ class ModelManifest(_Strict):
 
             return Path(DATA_PATH) / "models" / weights.file
         if self.directory is None:
-            raise ConfigError(f"model {self.name}: manifest has no directory to resolve {weights.file}")
+            raise ConfigError(f"model {self.name}", f"manifest has no directory to resolve {weights.file}")
         return self.directory / weights.file
 
 
@@ -189,17 +189,17 @@ def load_manifest(path: Path) -> ModelManifest:
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"{file}: cannot read model manifest: {exc}") from exc
+        raise ConfigError(str(file), f"cannot read model manifest: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+        raise ConfigError(str(file), f"not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: a model manifest must be a mapping")
+        raise ConfigError(str(file), "a model manifest must be a mapping")
     try:
         return ModelManifest.model_validate({**raw, "directory": file.parent.resolve()})
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{file}: {key}: {first['msg']}") from exc
+        raise ConfigError(f"{file}: {key}", str(first["msg"])) from exc
 
 
 def sha256_of(path: Path) -> str:

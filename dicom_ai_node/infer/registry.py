@@ -123,7 +123,7 @@ def discover_manifests(paths: Iterable[Path]) -> list[ModelManifest]:
     for path in paths:
         path = Path(path)
         if not path.exists():
-            raise ConfigError(f"models.paths: {path} does not exist")
+            raise ConfigError("models.paths", f"{path} does not exist")
         if _is_model_dir(path):
             found.append(_load_any(path))
             continue

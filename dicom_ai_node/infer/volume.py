@@ -203,11 +203,15 @@ def _projection_header(path: Path, ds: pydicom.Dataset, series_uid: str, sop_uid
     try:
         row_spacing, col_spacing = (float(v) for v in spacing)
     except (TypeError, ValueError) as exc:
-        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed pixel spacing") from exc
+        raise InvalidDicomError(
+            f"series {series_uid}: instance {sop_uid} has malformed pixel spacing"
+        ) from exc
     if row_spacing <= 0 or col_spacing <= 0:
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed pixel spacing")
     position = np.array([0.0, 0.0, float(ds.get("InstanceNumber", 1) or 1)])
-    return _Header(path, ds, np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), position, (row_spacing, col_spacing))
+    return _Header(
+        path, ds, np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), position, (row_spacing, col_spacing)
+    )
 
 
 def _check_one_grid(headers: list[_Header]) -> None:

@@ -144,9 +144,7 @@ def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVarian
     return _store(ctx, inputs.job_id, inputs.series_instance_uid, [*objects, ("SR", sr)])
 
 
-def encode_and_store_classification(
-    ctx: StageContext, inputs: ClassificationInputs
-) -> StoredResult:
+def encode_and_store_classification(ctx: StageContext, inputs: ClassificationInputs) -> StoredResult:
     """Encode a classifier's findings as one SR (no SEG: there is no region), spool and record it."""
     uids = result_uids(inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision)
     sr = encode_classification_sr(
@@ -166,9 +164,7 @@ def encode_and_store_classification(
 
 def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
     """Secondary Capture key images with the overlay burned in (for destinations with key_images)."""
-    key = result_uids(
-        inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision
-    )
+    key = result_uids(inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision)
     images = encode_key_images(
         inputs.pixel_values,
         inputs.source_datasets,

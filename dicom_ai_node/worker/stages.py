@@ -86,7 +86,14 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         stored_sr = encode_and_store_classification(
             ctx,
             ClassificationInputs(
-                job.id, series_uid, volume.datasets, result.findings, result.identity, rule, identity, revision
+                job.id,
+                series_uid,
+                volume.datasets,
+                result.findings,
+                result.identity,
+                rule,
+                identity,
+                revision,
             ),
         )
         sop_uids = stored_sr.sop_instance_uids
@@ -94,7 +101,8 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         deliveries = {d.name: (stored_sr.files, []) for d in destinations}
         summary = {"findings": {f.spec.finding.meaning: round(f.probability, 4) for f in result.findings}}
         found_text = ", ".join(
-            f"{f.spec.finding.meaning} {f.probability:.3f}{' present' if f.present else ''}" for f in result.findings
+            f"{f.spec.finding.meaning} {f.probability:.3f}{' present' if f.present else ''}"
+            for f in result.findings
         )
     else:
         label_map = result.label_map
@@ -114,7 +122,9 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
             measurements=measure(label_map, result.segments, voxel_volume_mm3(volume)),
             pixel_values=volume.array,
         )
-        stored = {variant: encode_and_store(ctx, inputs, variant) for variant in needed_variants(destinations)}
+        stored = {
+            variant: encode_and_store(ctx, inputs, variant) for variant in needed_variants(destinations)
+        }
         key_images = store_key_images(ctx, inputs).files if any(d.key_images for d in destinations) else []
         for destination in destinations:
             variant = variant_of(destination)

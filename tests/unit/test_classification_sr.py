@@ -64,8 +64,13 @@ def cr_headers(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
     return volume.datasets
 
 
-def test_findings_become_groups_with_presence_and_probability(cr_headers: list[Dataset], tmp_path: Path) -> None:
-    findings = [FindingResult(FindingSpec(PNEUMOTHORAX, 0.5), 0.83), FindingResult(FindingSpec(EFFUSION, 0.3), 0.12)]
+def test_findings_become_groups_with_presence_and_probability(
+    cr_headers: list[Dataset], tmp_path: Path
+) -> None:
+    findings = [
+        FindingResult(FindingSpec(PNEUMOTHORAX, 0.5), 0.83),
+        FindingResult(FindingSpec(EFFUSION, 0.3), 0.12),
+    ]
     uids = result_uids(str(cr_headers[0].SeriesInstanceUID), MODEL, RULE)
     sr = encode_classification_sr(cr_headers, findings, MODEL, RULE, OutputIdentity(), uids)
     path = tmp_path / "sr.dcm"
@@ -89,9 +94,13 @@ def test_findings_become_groups_with_presence_and_probability(cr_headers: list[D
     assert float(_child(effusion, "122157").MeasuredValueSequence[0].NumericValue) == pytest.approx(0.12)
 
     parameters = [
-        str(i.TextValue) for i in _walk(list(ptx.ContentSequence)) if i.ConceptNameCodeSequence[0].CodeValue == "111002"
+        str(i.TextValue)
+        for i in _walk(list(ptx.ContentSequence))
+        if i.ConceptNameCodeSequence[0].CodeValue == "111002"
     ]
-    assert "threshold=0.5" in parameters and "rule_id=chest-cr" in parameters and "rule_version=3" in parameters
+    assert (
+        "threshold=0.5" in parameters and "rule_id=chest-cr" in parameters and "rule_version=3" in parameters
+    )
     # The classified image is referenced as the group's source.
     sources = [i for i in ptx.ContentSequence if i.ValueType == "IMAGE"]
     assert sources[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr_headers[0].SOPInstanceUID
@@ -108,7 +117,10 @@ def test_same_inputs_give_the_same_sr_uids(cr_headers: list[Dataset]) -> None:
     first = encode_classification_sr(cr_headers, findings, MODEL, RULE, OutputIdentity(), uids)
     second = encode_classification_sr(cr_headers, findings, MODEL, RULE, OutputIdentity(), uids)
     assert first.SOPInstanceUID == second.SOPInstanceUID
-    tracking = [[str(i.UID) for i in _walk(list(sr.ContentSequence)) if i.ValueType == "UIDREF"] for sr in (first, second)]
+    tracking = [
+        [str(i.UID) for i in _walk(list(sr.ContentSequence)) if i.ValueType == "UIDREF"]
+        for sr in (first, second)
+    ]
     assert tracking[0] and tracking[0] == tracking[1]
 
 

@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 
 from dicom_ai_node.errors import InferenceError, ModelNotFoundError
 from dicom_ai_node.infer.base import SegmentationModel
+from dicom_ai_node.infer.manifest import verify_weights
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry, select_device
 from dicom_ai_node.infer.volume import Volume, load_series, voxel_volume_mm3
 from tests.support.datasets import lung_ct_series
@@ -55,8 +56,13 @@ def test_device_falls_back_to_cpu_without_cuda() -> None:
     assert select_device("cpu") == "cpu"
 
 
-def test_builtin_models_are_registered() -> None:
-    assert set(default_registry("cpu").names()) == {"mr-brain", "ct-lung-classical"}
+def test_builtin_models_are_registered_from_their_manifests() -> None:
+    registry = default_registry("cpu")
+    assert {"mr-brain", "ct-lung", "ct-lung-classical"} <= set(registry.names())
+    for name in registry.names():
+        manifest = registry.manifest(name)
+        assert manifest.name == name and manifest.licence and manifest.intended_use and manifest.training_data
+        assert verify_weights(manifest) == []
 
 
 def test_registering_again_replaces_the_model() -> None:
@@ -127,7 +133,7 @@ def test_deepbet_brain_mask_on_real_t1_mr(
 ) -> None:
     volume, reference = ch2
     labels = ch2_labels
-    assert brain_model.identity.name == "mr-brain" and brain_model.identity.version.startswith("deepbet-")
+    assert brain_model.identity.name == "mr-brain" and brain_model.identity.version == "1.0.2"
     assert labels.shape == volume.shape and labels.dtype == np.uint8
     assert set(np.unique(labels)) == {0, 1}
     brain = labels == 1
