@@ -395,7 +395,12 @@ def models_verify(
     for name in selected:
         try:
             manifest = registry.manifest(name)
-            problems = verify_weights(manifest)
+            if manifest.format == "monai-bundle":
+                from dicom_ai_node.infer.bundle import verify_bundle
+
+                problems = verify_bundle(manifest)
+            else:
+                problems = verify_weights(manifest)
             if not problems and load:
                 registry.get(name)
         except Exception as exc:  # noqa: BLE001 - report every model, then fail the command

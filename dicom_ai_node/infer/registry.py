@@ -138,11 +138,12 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def _load_any(path: Path) -> ModelManifest:
-    if (path / MANIFEST_FILE).is_file():
-        return load_manifest(path)
-    from dicom_ai_node.infer.bundle import manifest_from_bundle
+    if (path / "configs" / "metadata.json").is_file():
+        from dicom_ai_node.infer.bundle import manifest_from_bundle
 
-    return manifest_from_bundle(path)
+        # A bundle's manifest.yaml only adds what metadata.json lacks (codes, licence, sha256).
+        return manifest_from_bundle(path)
+    return load_manifest(path)
 
 
 def default_registry(device: str = "auto", user_paths: Iterable[Path] = ()) -> ModelRegistry:
