@@ -16,6 +16,8 @@ from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeSettings, load_settings
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import ConfigError, DeliveryError, InvalidDicomError, RuleError
+from dicom_ai_node.evaluate.cli import evaluate_command
+from dicom_ai_node.training.cli import train_app
 
 if TYPE_CHECKING:
     from dicom_ai_node.infer.registry import ModelRegistry
@@ -27,6 +29,8 @@ models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
+app.add_typer(train_app, name="train")
+app.command("evaluate")(evaluate_command)
 
 ConfigOption = Annotated[
     Path | None,
