@@ -112,6 +112,13 @@ class InferenceResult:
 def run_model(registry: ModelRegistry, model_name: str, volume: Volume) -> InferenceResult:
     """Run the (warm) model `model_name` on `volume`; the same code serves both hosts."""
     model = registry.get(model_name)
+    accepts = tuple(getattr(model, "accepts_modalities", ()))
+    if accepts and volume.modality not in accepts:
+        # A rule that routes the wrong images to a model is a configuration error, not a result.
+        raise InferenceError(
+            f"model {model_name} accepts {', '.join(accepts)}, series {_series_uid(volume)} is "
+            f"{volume.modality or 'without Modality'}: check the routing rule"
+        )
     started = time.perf_counter()
     label_map: np.ndarray | None = None
     findings: list[FindingResult] | None = None

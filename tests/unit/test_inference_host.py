@@ -263,3 +263,10 @@ def test_cuda_without_a_gpu_falls_back_to_cpu_at_once() -> None:
     assert resolve_device("auto") == expected
     assert resolve_device("cpu") == "cpu"
     assert time.monotonic() - started < 5
+
+
+def test_a_series_of_another_modality_is_refused_with_the_rule_to_check(host: InferenceHost) -> None:
+    mr = make_volume()
+    mr.modality = "MR"
+    with pytest.raises(InferenceError, match="accepts CT, series .* is MR: check the routing rule"):
+        host.run("threshold", mr)
