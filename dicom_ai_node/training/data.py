@@ -2,8 +2,8 @@
 
 Source: the pyradiomics 3.0.1 source distribution (BSD-3-Clause) ships two chest CTs with a tumour label,
 `data/lung1_image.nrrd` (512 x 512 x 48, 0.57 mm pixels, 5 mm slices) and `data/lung2_image.nrrd`
-(512 x 512 x 61, 0.63 mm, 5 mm); pyradiomics says they come from the NSCLC-Radiomics collection of
-The Cancer Imaging Archive. scripts/fetch-test-data.sh puts the sdist into the test-data cache
+(512 x 512 x 61, 0.63 mm, 5 mm), pyradiomics' own test cases (its data/README.md says no more about
+their origin; both show a lung tumour). scripts/fetch-test-data.sh puts the sdist into the test-data cache
 (`$AINODE_TEST_DATA` or ~/.cache/dicom-ai-node/test-data); the NRRDs are extracted from it on first use.
 
 Reference masks (label 1 right lung, 2 left lung) live in tests/data/references/<case>_lungs.nrrd on the
@@ -125,7 +125,9 @@ def load_reference(case: str, references_dir: Path = REFERENCES_DIR) -> np.ndarr
 
     path = reference_path(case, references_dir)
     if not path.is_file():
-        raise DataMissingError(f"{path} not found: build it with `python -m dicom_ai_node.training.references`")
+        raise DataMissingError(
+            f"{path} not found: build it with `python -m dicom_ai_node.training.references`"
+        )
     labels, _ = nrrd.read(str(path))
     return np.ascontiguousarray(np.asarray(labels, dtype=np.uint8).transpose(2, 1, 0))
 

@@ -39,16 +39,6 @@ def _rgba(labels2d: np.ndarray, alpha: float) -> np.ndarray:
     return rgba
 
 
-def _outline(labels2d: np.ndarray) -> np.ndarray:
-    """Label boundaries only (a pixel whose 4-neighbour has another label), to see the CT underneath."""
-    edge = np.zeros(labels2d.shape, dtype=bool)
-    edge[1:, :] |= labels2d[1:, :] != labels2d[:-1, :]
-    edge[:-1, :] |= labels2d[1:, :] != labels2d[:-1, :]
-    edge[:, 1:] |= labels2d[:, 1:] != labels2d[:, :-1]
-    edge[:, :-1] |= labels2d[:, 1:] != labels2d[:, :-1]
-    return np.where(edge, labels2d, 0)
-
-
 def render_montage(volume: Volume, labels: np.ndarray, path: Path, title: str, n_axial: int = 6) -> Path:
     """Write a PNG: `n_axial` axial slices evenly through the lungs and one coronal slice."""
     import matplotlib
@@ -61,13 +51,17 @@ def render_montage(volume: Volume, labels: np.ndarray, path: Path, title: str, n
     if len(z_with_lung) == 0:
         z_with_lung = np.arange(hu.shape[2])
     zs = np.linspace(z_with_lung[0], z_with_lung[-1], n_axial + 2)[1:-1].round().astype(int)
-    y_coronal = int(round(float(np.mean(np.flatnonzero(lab.any(axis=(0, 2))))))) if lab.any() else hu.shape[1] // 2
+    y_coronal = (
+        int(round(float(np.mean(np.flatnonzero(lab.any(axis=(0, 2))))))) if lab.any() else hu.shape[1] // 2
+    )
 
     columns = (n_axial + 1) // 2 + 1
-    fig = plt.figure(figsize=(4 * columns, 8.6), dpi=80)
+    fig = plt.figure(figsize=(4.2 * columns, 8.8), dpi=90)
     fig.suptitle(title, fontsize=13)
     grid = fig.add_gridspec(2, columns)
-    panels = [(grid[k // ((n_axial + 1) // 2), k % ((n_axial + 1) // 2)], "axial", z) for k, z in enumerate(zs)]
+    panels = [
+        (grid[k // ((n_axial + 1) // 2), k % ((n_axial + 1) // 2)], "axial", z) for k, z in enumerate(zs)
+    ]
     panels.append((grid[:, columns - 1], "coronal", y_coronal))
     for cell, kind, index in panels:
         ax = fig.add_subplot(cell)
@@ -80,13 +74,19 @@ def render_montage(volume: Volume, labels: np.ndarray, path: Path, title: str, n
             image, labels2d, aspect = hu[:, index, ::-1].T, lab[:, index, ::-1].T, voxel[2] / voxel[0]
             ax.set_title(f"coronal y={index}", fontsize=9)
         ax.imshow(image, cmap="gray", vmin=_LUNG_WINDOW[0], vmax=_LUNG_WINDOW[1], aspect=aspect)
-        ax.imshow(_rgba(labels2d, 0.25), aspect=aspect)
-        ax.imshow(_rgba(_outline(labels2d), 1.0), aspect=aspect, interpolation="nearest")
+        ax.imshow(_rgba(labels2d, 0.3), aspect=aspect)
+        for value, colour in ((1, RIGHT_COLOUR), (2, LEFT_COLOUR)):
+            if (labels2d == value).any():
+                ax.contour(labels2d == value, levels=[0.5], colors=[colour], linewidths=1.0)
         for x, text in ((0.03, "R"), (0.93, "L")):
             ax.text(x, 0.5, text, transform=ax.transAxes, color="yellow", fontsize=12, weight="bold")
         ax.set_axis_off()
-    fig.text(0.01, 0.01, "right lung: blue   left lung: orange   (radiological view: patient right on the left)",
-             fontsize=9)
+    fig.text(
+        0.01,
+        0.01,
+        "right lung: blue   left lung: orange   (radiological view: patient right on the left)",
+        fontsize=9,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
