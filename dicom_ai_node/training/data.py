@@ -7,8 +7,9 @@ their origin; both show a lung tumour). scripts/fetch-test-data.sh puts the sdis
 (`$AINODE_TEST_DATA` or ~/.cache/dicom-ai-node/test-data); the NRRDs are extracted from it on first use.
 
 Reference masks (label 1 right lung, 2 left lung) live in tests/data/references/<case>_lungs.nrrd on the
-NRRD's own voxel grid and geometry. They were made by `build_reference` (the classical baseline plus the
-documented clean-up rule below) and checked by eye on the overlays in docs/images/ct-lung-reference-*.png.
+NRRD's own voxel grid and geometry. dicom_ai_node.training.references builds them (the classical baseline
+plus the tumour label, by the rule documented there); they were checked by eye on the overlays in
+docs/images/ct-lung-reference-*.png.
 
 Geometry: the NRRDs are LPS with axis-aligned directions: axis 0 runs along the DICOM columns, axis 1
 along the rows, axis 2 between frames (feet to head). A Volume array is (frames, rows, cols), so the
@@ -143,10 +144,15 @@ def save_reference(case: str, label_map: np.ndarray, references_dir: Path = REFE
         "space origin": source["space origin"],
         "kinds": ["domain", "domain", "domain"],
         "encoding": "gzip",
-        "labels": "0 background, 1 right lung, 2 left lung",
+        "label values": "0 background, 1 right lung, 2 left lung",
     }
     path = reference_path(case, references_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.ascontiguousarray(label_map.astype(np.uint8).transpose(2, 1, 0))
     nrrd.write(str(path), data, header, compression_level=9)
+    # pynrrd stamps the write time into a comment; drop it so a rebuild of the same mask is byte-identical.
+    raw = path.read_bytes()
+    head, sep, body = raw.partition(b"\n\n")
+    lines = [line for line in head.split(b"\n") if not line.startswith(b"# on ")]
+    path.write_bytes(b"\n".join(lines) + sep + body)
     return path

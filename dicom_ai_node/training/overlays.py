@@ -56,7 +56,7 @@ def render_montage(volume: Volume, labels: np.ndarray, path: Path, title: str, n
     )
 
     columns = (n_axial + 1) // 2 + 1
-    fig = plt.figure(figsize=(4.2 * columns, 8.8), dpi=90)
+    fig = plt.figure(figsize=(4.2 * columns, 8.8), dpi=72)
     fig.suptitle(title, fontsize=13)
     grid = fig.add_gridspec(2, columns)
     panels = [
