@@ -78,7 +78,7 @@ def main() -> None:
             node,
         ):
             cases = {
-                "chest CT lung1 (48 x 512 x 512) -> ct-lung-classical": lung_ct_series(work / "ct", "lung1"),
+                "chest CT lung1 (48 x 512 x 512) -> ct-lung": lung_ct_series(work / "ct", "lung1"),
                 "brain MR ch2 (181 x 217 x 181) -> mr-brain (deepbet)": ch2_mr_series(work / "mr"),
             }
             results = {name: run_case(name, series, orthanc, node) for name, series in cases.items()}

@@ -108,7 +108,7 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Viewe
     work = tmp_path_factory.mktemp("ohif")
     with orthanc_with_node(work) as (orthanc, node):
         sources = {"ct": lung_ct_series(work / "ct", "lung1"), "mr": ch2_mr_series(work / "mr")}
-        models = {"ct": "ct-lung-classical", "mr": "mr-brain"}
+        models = {"ct": "ct-lung", "mr": "mr-brain"}
         storescu([*sources["ct"].paths, *sources["mr"].paths], orthanc.aet, orthanc.dicom_port)
         found: dict[str, tuple[str, Path]] = {}
         deadline = time.monotonic() + RESULT_TIMEOUT_S

@@ -70,10 +70,10 @@ def test_series_waits_for_quiet_period_then_routes_once(env) -> None:  # type: i
     assert sweep.run_once().routed == 0  # idempotent
     [job] = queue.list_jobs()
     assert job.kind == JobKind.INFER
-    assert job.payload["model"] == "ct-lung-classical" and job.payload["rule_id"] == "ct-chest-lungs"
+    assert job.payload["model"] == "ct-lung" and job.payload["rule_id"] == "ct-chest-lungs"
     assert job.payload["generation"] == 1 and job.payload["destinations"] == ["pacs"]
     row = repo.get_series("1.9.1")
-    assert row.status == SeriesStatus.ROUTED and "ct-chest-lungs v1" in row.route_note
+    assert row.status == SeriesStatus.ROUTED and "ct-chest-lungs v2" in row.route_note
 
 
 def test_unmatched_series_is_recorded_not_an_error(env) -> None:  # type: ignore[no-untyped-def]

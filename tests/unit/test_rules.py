@@ -39,7 +39,7 @@ def test_default_rules_route_brain_mr_and_chest_ct() -> None:
         "NumberOfInstances": 48,
     }
     assert [r.action.model for r, _ in matching_rules(rules, mr)] == ["mr-brain"]
-    assert [r.action.model for r, _ in matching_rules(rules, ct)] == ["ct-lung-classical"]
+    assert [r.action.model for r, _ in matching_rules(rules, ct)] == ["ct-lung"]
     assert matching_rules(rules, {"Modality": "CR", "NumberOfInstances": 1}) == []
     # A CT of the head must not reach the lung model.
     assert matching_rules(rules, {**ct, "BodyPartExamined": "HEAD"}) == []
@@ -166,9 +166,9 @@ def test_invalid_rules_give_clear_errors(bad: dict, needle: str) -> None:
 
 def test_check_references() -> None:
     rules = load_rules(RULES)
-    assert rules.check_references(["mr-brain", "ct-lung-classical"], ["pacs"]) == []
+    assert rules.check_references(["mr-brain", "ct-lung"], ["pacs"]) == []
     problems = rules.check_references(["mr-brain"], [])
-    assert any("ct-lung-classical" in p for p in problems) and any("'pacs'" in p for p in problems)
+    assert any("ct-lung" in p for p in problems) and any("'pacs'" in p for p in problems)
 
 
 def test_condition_requires_an_operator() -> None:
