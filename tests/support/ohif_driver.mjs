@@ -128,20 +128,25 @@ async function scrollTo(page, box, target) {
   return notches;
 }
 
-// Two identical consecutive screenshots: rendering (and any fade) is done.
-async function stableShot(page, clip, file) {
+// Two identical consecutive screenshots: rendering (and any fade) is done. `changedFrom` is the
+// screenshot before the change just requested (a segment shown or hidden): until the viewport differs
+// from it, the change has not been rendered yet. On a loaded machine the render can lag the request by
+// more than one polling interval, and two identical stale screenshots would pass as "stable".
+async function stableShot(page, clip, file, changedFrom = null) {
   let previous = null;
-  for (let i = 0; i < 20; i++) {
+  for (let i = 0; i < 40; i++) {
     await page.waitForTimeout(i === 0 ? 300 : 400);
     const shot = await page.screenshot({ clip });
-    if (previous && shot.equals(previous)) {
+    const changed = !changedFrom || !shot.equals(changedFrom);
+    if (previous && changed && shot.equals(previous)) {
       fs.writeFileSync(file, shot);
-      return;
+      return shot;
     }
     previous = shot;
   }
   fs.writeFileSync(file, previous);
   report.steps.push({ name: `screenshot not stable: ${path.basename(file)}` });
+  return previous;
 }
 
 async function main() {
@@ -224,14 +229,17 @@ async function main() {
         window.services.segmentationService.setSegmentVisibility(viewportId, segmentationId, index, isVisible),
       [state.viewportId, state.segmentationId, segmentIndex, visible]);
 
-    await stableShot(page, clip, path.join(args.outDir, 'with-seg.png'));
+    let last = await stableShot(page, clip, path.join(args.outDir, 'with-seg.png'));
     await page.screenshot({ path: path.join(args.outDir, 'page.png') });
     for (const only of state.segments) {
       for (const s of state.segments) await setVisible(s.segmentIndex, s.segmentIndex === only.segmentIndex);
-      await stableShot(page, clip, path.join(args.outDir, `segment-${only.segmentIndex}.png`));
+      // With a single segment, "only it" is what was already shown: nothing to wait for.
+      const expectChange = state.segments.length > 1;
+      last = await stableShot(page, clip, path.join(args.outDir, `segment-${only.segmentIndex}.png`),
+        expectChange ? last : null);
     }
     for (const s of state.segments) await setVisible(s.segmentIndex, false);
-    await stableShot(page, clip, path.join(args.outDir, 'without-seg.png'));
+    await stableShot(page, clip, path.join(args.outDir, 'without-seg.png'), last);
     step('screenshots taken');
   } catch (err) {
     if (page) await page.screenshot({ path: path.join(args.outDir, 'page-failed.png') }).catch(() => {});
