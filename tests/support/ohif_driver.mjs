@@ -100,6 +100,31 @@ async function waitIndexSettled(page, index) {
   return current;
 }
 
+// The viewport's index moves at once, but its image loads and renders later: until then the canvas
+// still shows the previous image under the new slice's SEG overlay. On a loaded machine (software
+// WebGL) the canvas was seen keeping the old pixels even after the new image had loaded, until the next
+// render: wait until the image the viewport holds is the current one, then ask for one render, as any
+// further user interaction would.
+async function waitImageRendered(page) {
+  for (let t = 0; t < 150 && Date.now() < deadline; t++) {
+    const state = await page.evaluate(() => {
+      const vp = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
+        .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+      const image = vp.csImage || (typeof vp.getCornerstoneImage === 'function' ? vp.getCornerstoneImage() : null);
+      if (!image || !image.imageId) return 'unknown';
+      if (image.imageId !== vp.getCurrentImageId()) return 'loading';
+      vp.render();
+      return 'rendered';
+    });
+    if (state !== 'loading') {
+      await page.waitForTimeout(state === 'rendered' ? 500 : 2000);
+      return state;
+    }
+    await page.waitForTimeout(200);
+  }
+  return 'timeout';
+}
+
 // Mouse wheel over the viewport until the target image is shown. OHIF moves one image per notch;
 // which way is "down" is configurable, so one notch first learns the direction, then up to 8 notches
 // per burst.
@@ -194,7 +219,8 @@ async function main() {
     if (target < 0) throw new Error(`target SOP Instance ${args.targetSOPInstanceUID} is not in the viewport's stack`);
     const canvas = await page.locator('.cornerstone-canvas').first().boundingBox();
     report.wheelNotches = await scrollTo(page, canvas, target);
-    step('scrolled', { imageIndex: target, notches: report.wheelNotches });
+    const rendered = await waitImageRendered(page);
+    step('scrolled', { imageIndex: target, notches: report.wheelNotches, image: rendered });
     // Park the pointer outside the viewport: hover would highlight a segment or show a cursor.
     await page.mouse.move(5, 895);
 
