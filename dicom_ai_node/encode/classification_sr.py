@@ -28,14 +28,11 @@ from dicom_ai_node.domain.results import (
     RuleIdentity,
 )
 from dicom_ai_node.encode._common import (
-    contributing_equipment,
     hd_code,
-    no_phi_warnings,
     rule_parameters,
-    series_description,
     with_type2_identity,
 )
-from dicom_ai_node.encode.sr import observation_context, procedure_code
+from dicom_ai_node.encode.sr import comprehensive_sr, observation_context, procedure_code
 from dicom_ai_node.encode.uids import deterministic_uid
 from dicom_ai_node.errors import EncodeError
 
@@ -116,30 +113,4 @@ def encode_classification_sr(
     )
     evidence = list(source_datasets)
     evidence[0] = with_type2_identity(evidence[0])
-    source_series_uid = str(source_datasets[0].SeriesInstanceUID)
-    try:
-        with no_phi_warnings():
-            sr = hd.sr.ComprehensiveSR(
-                evidence=evidence,
-                content=report[0],
-                series_instance_uid=uids.sr_series_instance_uid,
-                series_number=identity.sr_series_number,
-                sop_instance_uid=uids.sr_sop_instance_uid,
-                instance_number=1,
-                manufacturer=identity.manufacturer,
-                manufacturer_model_name=identity.manufacturer_model_name,
-                software_versions=identity.software_versions,
-                device_serial_number=identity.device_serial_number,
-                series_description=series_description(identity.sr_series_description_prefix, model, revision),
-                previous_versions=[predecessor] if predecessor is not None else None,
-                is_complete=True,
-                is_final=False,
-                is_verified=False,
-                institution_name=identity.institution_name or None,
-                contributing_equipment=contributing_equipment(identity, model),
-            )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodeError(f"cannot encode classification SR for series {source_series_uid}: {exc}") from exc
-    if identity.station_name:
-        sr.StationName = identity.station_name
-    return sr
+    return comprehensive_sr(evidence, report, identity, model, uids, revision, predecessor)

@@ -152,6 +152,19 @@ def encode_sr(
     # instances that were examined. highdicom copies patient/study identity from the first item.
     evidence: list[Dataset] = [seg] if seg is not None else list(source_datasets)
     evidence[0] = with_type2_identity(evidence[0])
+    return comprehensive_sr(evidence, report, identity, model, uids, revision, predecessor)
+
+
+def comprehensive_sr(
+    evidence: list[Dataset],
+    report: hd.sr.MeasurementReport,
+    identity: OutputIdentity,
+    model: ModelIdentity,
+    uids: ResultUids,
+    revision: int,
+    predecessor: Dataset | None,
+) -> Dataset:
+    """The Comprehensive SR around a TID 1500 report: our identity, series, UIDs and predecessor."""
     try:
         with no_phi_warnings():
             sr = hd.sr.ComprehensiveSR(
@@ -175,7 +188,8 @@ def encode_sr(
                 contributing_equipment=contributing_equipment(identity, model),
             )
     except (ValueError, TypeError, AttributeError) as exc:
-        raise EncodeError(f"cannot encode SR for series {source_series_uid}: {exc}") from exc
+        series_uid = evidence[0].get("SeriesInstanceUID", "")
+        raise EncodeError(f"cannot encode SR (evidence series {series_uid}): {exc}") from exc
     if identity.station_name:
         sr.StationName = identity.station_name  # Type 3, not a constructor argument
     return sr
