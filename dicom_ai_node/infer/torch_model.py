@@ -15,7 +15,7 @@ import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import torch
@@ -80,24 +80,32 @@ def activate(logits: torch.Tensor, activation: str, dim: int) -> torch.Tensor:
     return logits
 
 
-class ManifestSegmentationModel:
-    """A segmentation network run with sliding-window inference over the manifest's model grid."""
-
-    task: Literal["segmentation"] = "segmentation"
+class _ManifestNetwork:
+    """What both tasks share: the warm network on its device, identity from the manifest, one lock."""
 
     def __init__(self, manifest: ModelManifest, network: torch.nn.Module, device: str) -> None:
         self.manifest = manifest
         self.network = network
         self.device = device
         self.identity = ModelIdentity(manifest.name, manifest.version, description=manifest.description)
-        self.segments: list[SegmentSpec] = manifest.segment_specs
         self.accepts_modalities = tuple(manifest.accepts.modalities)
+        # One inference at a time per model keeps peak memory predictable on small servers.
         self._lock = threading.Lock()
 
     @classmethod
-    def from_manifest(cls, manifest: ModelManifest, device: str = "auto") -> ManifestSegmentationModel:
+    def from_manifest(cls, manifest: ModelManifest, device: str = "auto") -> Self:
         resolved = resolve_device(device)
         return cls(manifest, load_network(manifest, resolved), resolved)
+
+
+class ManifestSegmentationModel(_ManifestNetwork):
+    """A segmentation network run with sliding-window inference over the manifest's model grid."""
+
+    task: Literal["segmentation"] = "segmentation"
+
+    def __init__(self, manifest: ModelManifest, network: torch.nn.Module, device: str) -> None:
+        super().__init__(manifest, network, device)
+        self.segments: list[SegmentSpec] = manifest.segment_specs
 
     def probabilities(self, prepared: np.ndarray) -> np.ndarray:
         """Per-class probabilities (C, x, y, z) for a prepared (channels, x, y, z) array."""
@@ -136,24 +144,14 @@ class ManifestSegmentationModel:
         return labels_to_source_grid(probabilities, grid, [s.label_value for s in self.segments])
 
 
-class ManifestClassificationModel:
+class ManifestClassificationModel(_ManifestNetwork):
     """A classifier: one forward pass over the resized input, one probability per manifest finding."""
 
     task: Literal["classification"] = "classification"
 
     def __init__(self, manifest: ModelManifest, network: torch.nn.Module, device: str) -> None:
-        self.manifest = manifest
-        self.network = network
-        self.device = device
-        self.identity = ModelIdentity(manifest.name, manifest.version, description=manifest.description)
+        super().__init__(manifest, network, device)
         self.findings: list[FindingSpec] = manifest.finding_specs
-        self.accepts_modalities = tuple(manifest.accepts.modalities)
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_manifest(cls, manifest: ModelManifest, device: str = "auto") -> ManifestClassificationModel:
-        resolved = resolve_device(device)
-        return cls(manifest, load_network(manifest, resolved), resolved)
 
     def classify(self, volume: Volume) -> list[FindingResult]:
         spec = self.manifest.input
