@@ -24,8 +24,6 @@ the patient's left, +y posterior, +z head):
 from __future__ import annotations
 
 import datetime
-import os
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +35,12 @@ from nibabel import orientations
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from dicom_ai_node.training.data import DataMissingError, nrrd_path, real_data_available
+
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 CH2_PATH = MRICRON_TEMPLATES / "ch2.nii.gz"
 CH2BET_PATH = MRICRON_TEMPLATES / "ch2bet.nii.gz"
 
-PYRADIOMICS_SDIST = "pyradiomics-3.0.1.tar.gz"
-PYRADIOMICS_DATA = Path("pyradiomics-3.0.1") / "data"  # inside the cache dir, as in the sdist
 
 FAKE_PATIENT_NAME = "Test^Phantom"
 FAKE_PATIENT_ID = "TEST-PHANTOM-0001"
@@ -86,34 +84,17 @@ class SeriesInfo:
     source_path: Path | None = None
 
 
-def data_cache_dir() -> Path:
-    """The test-data cache: ``$AINODE_TEST_DATA`` or ``~/.cache/dicom-ai-node/test-data``."""
-    env = os.environ.get("AINODE_TEST_DATA")
-    return Path(env) if env else Path.home() / ".cache" / "dicom-ai-node" / "test-data"
-
-
 def lung_nrrd_path(name: str) -> Path:
-    """Path of ``lung1_image.nrrd`` etc. in the cache, extracting it from a cached sdist if needed."""
-    cache = data_cache_dir()
-    path = cache / PYRADIOMICS_DATA / name
-    if path.is_file():
-        return path
-    sdist = cache / PYRADIOMICS_SDIST
-    if sdist.is_file():
-        member = f"{PYRADIOMICS_DATA.as_posix()}/{name}"
-        with tarfile.open(sdist, "r:gz") as tar:
-            tar.extract(member, cache, filter="data")
-        return path
-    raise DataSetMissingError(f"{path} not found: run scripts/fetch-test-data.sh (cache dir {cache})")
+    """Path of ``lung1_image.nrrd`` etc. in the test-data cache (the package's own lookup, which
+    extracts it from the cached pyradiomics sdist if needed)."""
+    try:
+        return nrrd_path(name)
+    except DataMissingError as exc:
+        raise DataSetMissingError(str(exc)) from exc
 
 
 def lung_data_available() -> bool:
-    try:
-        lung_nrrd_path("lung1_image.nrrd")
-        lung_nrrd_path("lung2_image.nrrd")
-    except (DataSetMissingError, OSError, tarfile.TarError):
-        return False
-    return True
+    return real_data_available()
 
 
 def ch2_mr_series(dest_dir: Path | str, *, study_instance_uid: str | None = None) -> SeriesInfo:
