@@ -129,16 +129,28 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Viewe
         server = OhifServer(orthanc.http_port).start()
         try:
             for key, case in cases.items():
-                try:
-                    case.capture = capture_seg_slice(
-                        server,
-                        case.source.study_instance_uid,
-                        case.seg_series_instance_uid,
-                        case.source.sop_instance_uids[case.frame],
-                        work / f"viewer-{key}",
+                # Known viewer race, seen only on a loaded 2-core machine (software WebGL): after the
+                # scroll, OHIF moved the SEG overlay and the slice number to the target image but the
+                # canvas kept the first image's CT pixels. The base image is the viewer's, not ours, so
+                # one fresh viewer session is allowed; every assertion below still runs on its capture.
+                for attempt in (1, 2):
+                    try:
+                        case.capture = capture_seg_slice(
+                            server,
+                            case.source.study_instance_uid,
+                            case.seg_series_instance_uid,
+                            case.source.sop_instance_uids[case.frame],
+                            work / f"viewer-{key}-{attempt}",
+                        )
+                    except RuntimeError as exc:  # the other modality still gets checked
+                        case.error = str(exc)
+                        break
+                    shown, _ = _shown_frame(case, case.capture)
+                    if shown == case.frame:
+                        break
+                    print(
+                        f"{key}: viewer showed frame {shown}'s pixels, not {case.frame}'s (attempt {attempt})"
                     )
-                except RuntimeError as exc:  # the other modality still gets checked
-                    case.error = str(exc)
             _write_doc_screenshots(cases)
             yield cases
         finally:
@@ -167,6 +179,26 @@ def _capture(case: ViewerCase) -> ViewerCapture:
 
 def _rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _shown_frame(case: ViewerCase, capture: ViewerCapture) -> tuple[int, list[float]]:
+    """The source frame the "without SEG" screenshot correlates best with, and every correlation."""
+    grey = _rgb(capture.without_seg).mean(axis=2)
+    tl, tr, bl = (np.array(capture.corners[k]) for k in ("tlhc", "trhc", "blhc"))
+    rows, columns = case.source.rows, case.source.columns
+    r, c = np.mgrid[0:rows:2, 0:columns:2]
+    xy = (
+        tl[:, None, None]
+        + np.tensordot((tr - tl) / (columns - 1), c, 0)
+        + np.tensordot((bl - tl) / (rows - 1), r, 0)
+    )
+    sampled = grey[
+        np.clip(xy[1].astype(int), 0, grey.shape[0] - 1), np.clip(xy[0].astype(int), 0, grey.shape[1] - 1)
+    ]
+    frames = case.source.pixel_array[:, 0:rows:2, 0:columns:2].reshape(len(case.source.pixel_array), -1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # blank frames have no variance: NaN
+        correlation = [np.corrcoef(sampled.ravel(), f.astype(float))[0, 1] for f in frames]
+    return int(np.nanargmax(correlation)), correlation
 
 
 def _screen_to_image(capture: ViewerCapture, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -214,24 +246,8 @@ def test_viewer_shows_the_chosen_source_image(viewer: dict[str, ViewerCase], key
     case = viewer[key]
     capture = _capture(case)
     assert capture.sop_instance_uid == case.source.sop_instance_uids[case.frame]
-    grey = _rgb(capture.without_seg).mean(axis=2)
-    tl, tr, bl = (np.array(capture.corners[k]) for k in ("tlhc", "trhc", "blhc"))
-    rows, columns = case.source.rows, case.source.columns
-    r, c = np.mgrid[0:rows:2, 0:columns:2]
-    xy = (
-        tl[:, None, None]
-        + np.tensordot((tr - tl) / (columns - 1), c, 0)
-        + np.tensordot((bl - tl) / (rows - 1), r, 0)
-    )
-    sampled = grey[
-        np.clip(xy[1].astype(int), 0, grey.shape[0] - 1), np.clip(xy[0].astype(int), 0, grey.shape[1] - 1)
-    ]
-    frames = case.source.pixel_array[:, 0:rows:2, 0:columns:2].reshape(len(case.source.pixel_array), -1)
-    with np.errstate(invalid="ignore", divide="ignore"):  # blank frames have no variance: NaN
-        correlation = [np.corrcoef(sampled.ravel(), f.astype(float))[0, 1] for f in frames]
-    assert int(np.nanargmax(correlation)) == case.frame, (
-        f"screen matches frame {int(np.nanargmax(correlation))}, expected {case.frame}"
-    )
+    shown, correlation = _shown_frame(case, capture)
+    assert shown == case.frame, f"screen matches frame {shown}, expected {case.frame}"
     assert correlation[case.frame] > 0.9
 
 

@@ -219,6 +219,13 @@ async function main() {
     if (target < 0) throw new Error(`target SOP Instance ${args.targetSOPInstanceUID} is not in the viewport's stack`);
     const canvas = await page.locator('.cornerstone-canvas').first().boundingBox();
     report.wheelNotches = await scrollTo(page, canvas, target);
+    await waitImageRendered(page);
+    // On a loaded machine the base image was still seen stale after that (the overlay moved, the CT
+    // pixels did not). One notch away and back re-renders it, as a reader's next scroll would.
+    const away = target > 0 ? target - 1 : target + 1;
+    report.wheelNotches += await scrollTo(page, canvas, away);
+    await waitImageRendered(page);
+    report.wheelNotches += await scrollTo(page, canvas, target);
     const rendered = await waitImageRendered(page);
     step('scrolled', { imageIndex: target, notches: report.wheelNotches, image: rendered });
     // Park the pointer outside the viewport: hover would highlight a segment or show a cursor.
