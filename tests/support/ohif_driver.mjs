@@ -110,6 +110,9 @@ async function waitImageRendered(page) {
     const state = await page.evaluate(() => {
       const vp = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
         .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+      // A SEG can turn the stack into a volume that streams in after the first image is shown.
+      const volumes = typeof window.cornerstone.cache.getVolumes === 'function' ? window.cornerstone.cache.getVolumes() : [];
+      if (volumes.some((v) => v.loadStatus && v.loadStatus.loaded === false)) return 'loading';
       const image = vp.csImage || (typeof vp.getCornerstoneImage === 'function' ? vp.getCornerstoneImage() : null);
       if (!image || !image.imageId) return 'unknown';
       if (image.imageId !== vp.getCurrentImageId()) return 'loading';
