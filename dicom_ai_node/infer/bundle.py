@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import ValidationError
 
 from dicom_ai_node.domain.results import ModelIdentity, SegmentSpec
@@ -69,6 +68,7 @@ from dicom_ai_node.infer.manifest import (
     InputSpec,
     ModelManifest,
     Weights,
+    read_manifest_mapping,
     verify_weights,
 )
 from dicom_ai_node.infer.volume import Volume, mask_from_nifti_grid, to_nifti_ras
@@ -439,14 +439,9 @@ def _read_overlay(bundle: Path) -> dict[str, Any]:
     file = bundle / MANIFEST_FILE
     if not file.is_file():
         return {}
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(file), f"cannot read: {exc}") from exc
+    raw = read_manifest_mapping(file)
     if raw is None:
         return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(str(file), "a model manifest must be a mapping")
     if raw.get("format", "monai-bundle") != "monai-bundle":
         raise ConfigError(f"{file}: format", "a bundle directory's manifest must say format: monai-bundle")
     return raw

@@ -183,16 +183,24 @@ class ModelManifest(_Strict):
         return self.directory / weights.file
 
 
-def load_manifest(path: Path) -> ModelManifest:
-    """Read `path` (a manifest.yaml or a directory holding one); ConfigError names the file and key."""
-    file = path / MANIFEST_FILE if path.is_dir() else path
+def read_manifest_mapping(file: Path) -> dict[str, Any] | None:
+    """The YAML mapping in a manifest file, None when it is empty; ConfigError names the file."""
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(str(file), f"cannot read model manifest: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(str(file), f"not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(str(file), "a model manifest must be a mapping")
+    return raw
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    """Read `path` (a manifest.yaml or a directory holding one); ConfigError names the file and key."""
+    file = path / MANIFEST_FILE if path.is_dir() else path
+    raw = read_manifest_mapping(file)
+    if raw is None:
         raise ConfigError(str(file), "a model manifest must be a mapping")
     try:
         return ModelManifest.model_validate({**raw, "directory": file.parent.resolve()})
