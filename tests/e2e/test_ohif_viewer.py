@@ -129,28 +129,21 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Viewe
         server = OhifServer(orthanc.http_port).start()
         try:
             for key, case in cases.items():
-                # Known viewer race, seen only on a loaded 2-core machine (software WebGL): after the
-                # scroll, OHIF moved the SEG overlay and the slice number to the target image but the
-                # canvas kept the first image's CT pixels. The base image is the viewer's, not ours, so
-                # up to two fresh viewer sessions are allowed; every assertion below still runs on the capture.
-                for attempt in (1, 2, 3):
-                    try:
-                        case.capture = capture_seg_slice(
-                            server,
-                            case.source.study_instance_uid,
-                            case.seg_series_instance_uid,
-                            case.source.sop_instance_uids[case.frame],
-                            work / f"viewer-{key}-{attempt}",
-                        )
-                    except RuntimeError as exc:  # the other modality still gets checked
-                        case.error = str(exc)
-                        break
-                    shown, _ = _shown_frame(case, case.capture)
-                    if shown == case.frame:
-                        break
-                    print(
-                        f"{key}: viewer showed frame {shown}'s pixels, not {case.frame}'s (attempt {attempt})"
+                try:
+                    case.capture = capture_seg_slice(
+                        server,
+                        case.source.study_instance_uid,
+                        case.seg_series_instance_uid,
+                        case.source.sop_instance_uids[case.frame],
+                        work / f"viewer-{key}",
                     )
+                except RuntimeError as exc:  # the other modality still gets checked
+                    case.error = str(exc)
+                    continue
+                # OHIF's own actor race (tests/support/ohif_driver.mjs, actorMismatch): the driver
+                # reloads the viewer when it sees it; every assertion below runs on the clean session.
+                for race in case.capture.report.get("viewerRaces", []):
+                    print(f"{key}: OHIF stale-actor race in viewer session {race['session']}, reloaded")
             _write_doc_screenshots(cases)
             yield cases
         finally:
