@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from dicom_ai_node.errors import InferenceError, InferenceTimeoutError
-from dicom_ai_node.infer.host import TRANSFER_PREFIX, InferenceHost, _write_array
+from dicom_ai_node.infer.host import InferenceHost
+from dicom_ai_node.infer.transfer import TRANSFER_PREFIX, write_array
 from dicom_ai_node.infer.volume import Volume, load_series
 from tests.support.host_models import (
     BRIGHT,
@@ -247,7 +248,7 @@ def test_no_room_for_the_volume_is_an_inference_error(tmp_path: Path, volume: Vo
 
 def test_transfer_falls_back_to_the_next_directory(tmp_path: Path) -> None:
     array = np.arange(12, dtype=np.float32).reshape(3, 4)
-    path = _write_array([tmp_path / "missing", tmp_path], "x", array)
+    path = write_array([tmp_path / "missing", tmp_path], "x", array)
     assert path == tmp_path / "x"
     np.testing.assert_array_equal(np.fromfile(path, np.float32).reshape(3, 4), array)
 

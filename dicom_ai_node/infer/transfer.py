@@ -1,0 +1,83 @@
+"""Passing arrays between the worker and the inference process through files in /dev/shm.
+
+The float32 volume goes through a file in /dev/shm (tmpfs: memory, no disk I/O; the temp directory when
+/dev/shm is missing or full) that the child maps read-only, so a 300 MB series is neither pickled nor
+copied into the pipe, and the child sees it without a second copy. The label map comes back the same
+way. Plain write() rather than a shared mmap on the writing side: a full tmpfs then gives ENOSPC (an
+error we can report) instead of SIGBUS (a dead worker). The parent unlinks every transfer file in a
+`finally`, also after timeouts and crashes; files left by a parent that was itself killed are swept when
+the next host starts (their names carry the parent's pid).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from dicom_ai_node.errors import InferenceError
+
+# Transfer files are named f"{TRANSFER_PREFIX}{parent pid}-{request token}-{in|out}".
+TRANSFER_PREFIX = "ainode-infer-"
+
+
+def default_transfer_dirs() -> list[Path]:
+    dirs = [Path("/dev/shm")] if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else []
+    return [*dirs, Path(tempfile.gettempdir())]
+
+
+def write_array(dirs: Sequence[Path], name: str, array: np.ndarray) -> Path:
+    """Write a C-contiguous array to `name` in the first directory with room; returns its path."""
+    data = array.data.cast("B")
+    problems: list[str] = []
+    for directory in dirs:
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            problems.append(f"{directory}: {exc.strerror}")
+            continue
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                written = 0
+                while written < len(data):
+                    written += f.write(data[written:]) or 0
+            return path
+        except OSError as exc:  # ENOSPC on a small /dev/shm: try the next directory
+            path.unlink(missing_ok=True)
+            problems.append(f"{directory}: {exc.strerror}")
+    raise InferenceError(f"cannot pass {array.nbytes} bytes to the inference process ({'; '.join(problems)})")
+
+
+def read_array(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    count = int(np.prod(shape))
+    array = np.fromfile(path, dtype=np.dtype(dtype), count=count)
+    if array.size != count:
+        raise InferenceError(f"inference process returned {array.size} values, expected {count}")
+    return array.reshape(shape)
+
+
+def sweep_stale_transfers(dirs: Sequence[Path]) -> None:
+    """Remove transfer files of parents that no longer run (killed before their `finally`)."""
+    for directory in dirs:
+        try:
+            names = [n for n in os.listdir(directory) if n.startswith(TRANSFER_PREFIX)]
+        except OSError:
+            continue
+        for name in names:
+            pid_text = name[len(TRANSFER_PREFIX) :].split("-", 1)[0]
+            if pid_text.isdigit() and not pid_exists(int(pid_text)):
+                (directory / name).unlink(missing_ok=True)
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
