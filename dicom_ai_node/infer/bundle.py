@@ -71,6 +71,7 @@ from dicom_ai_node.infer.manifest import (
     read_manifest_mapping,
     verify_weights,
 )
+from dicom_ai_node.infer.transfer import BUNDLE_WORKDIR_PREFIX
 from dicom_ai_node.infer.volume import Volume, mask_from_nifti_grid, to_nifti_ras
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,8 @@ class BundleModel:
         from dicom_ai_node.infer.torch_model import resolve_device
 
         resolved = resolve_device(device)
-        workdir = Path(tempfile.mkdtemp(prefix=f"ainode-bundle-{manifest.name}-"))
+        # The pid in the name lets the next inference process sweep what a killed one left behind.
+        workdir = Path(tempfile.mkdtemp(prefix=f"{BUNDLE_WORKDIR_PREFIX}{os.getpid()}-{manifest.name}-"))
         (workdir / "in").mkdir()
         (workdir / "out").mkdir()
         try:

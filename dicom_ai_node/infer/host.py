@@ -28,6 +28,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -58,9 +59,11 @@ from dicom_ai_node.infer.runner import (
     volume_series_uid,
 )
 from dicom_ai_node.infer.transfer import (
+    BUNDLE_WORKDIR_PREFIX,
     TRANSFER_PREFIX,
     default_transfer_dirs,
     read_array,
+    sweep_dead_pid_entries,
     sweep_stale_transfers,
     write_array,
 )
@@ -266,6 +269,7 @@ class InferenceHost(ClosingHost):
 
     def _start_child(self) -> None:
         sweep_stale_transfers(self._transfer_dirs)
+        sweep_dead_pid_entries(Path(tempfile.gettempdir()), BUNDLE_WORKDIR_PREFIX)
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe(duplex=True)
         # Not a daemon: daemonic processes may not start processes, and a model may (data loaders).

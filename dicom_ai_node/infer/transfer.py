@@ -12,6 +12,7 @@ the next host starts (their names carry the parent's pid).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from dicom_ai_node.errors import InferenceError
 
 # Transfer files are named f"{TRANSFER_PREFIX}{parent pid}-{request token}-{in|out}".
 TRANSFER_PREFIX = "ainode-infer-"
+# A MONAI bundle's scratch directory in the temp directory: f"{BUNDLE_WORKDIR_PREFIX}{child pid}-{model}-..."
+BUNDLE_WORKDIR_PREFIX = "ainode-bundle-"
 
 
 def default_transfer_dirs() -> list[Path]:
@@ -63,14 +66,27 @@ def read_array(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:
 def sweep_stale_transfers(dirs: Sequence[Path]) -> None:
     """Remove transfer files of parents that no longer run (killed before their `finally`)."""
     for directory in dirs:
-        try:
-            names = [n for n in os.listdir(directory) if n.startswith(TRANSFER_PREFIX)]
-        except OSError:
+        sweep_dead_pid_entries(directory, TRANSFER_PREFIX)
+
+
+def sweep_dead_pid_entries(directory: Path, prefix: str) -> None:
+    """Remove files and directories named f"{prefix}{pid}-..." whose process no longer runs.
+
+    For scratch space a killed process could not clean up: its `finally` never ran.
+    """
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or pid_exists(int(pid_text)):
             continue
-        for name in names:
-            pid_text = name[len(TRANSFER_PREFIX) :].split("-", 1)[0]
-            if pid_text.isdigit() and not pid_exists(int(pid_text)):
-                (directory / name).unlink(missing_ok=True)
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def pid_exists(pid: int) -> bool:

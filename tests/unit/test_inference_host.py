@@ -21,7 +21,12 @@ import pytest
 
 from dicom_ai_node.errors import InferenceError, InferenceTimeoutError
 from dicom_ai_node.infer.host import InferenceHost
-from dicom_ai_node.infer.transfer import TRANSFER_PREFIX, write_array
+from dicom_ai_node.infer.transfer import (
+    BUNDLE_WORKDIR_PREFIX,
+    TRANSFER_PREFIX,
+    sweep_dead_pid_entries,
+    write_array,
+)
 from dicom_ai_node.infer.volume import Volume, load_series
 from tests.support.host_models import (
     BRIGHT,
@@ -251,6 +256,25 @@ def test_transfer_falls_back_to_the_next_directory(tmp_path: Path) -> None:
     path = write_array([tmp_path / "missing", tmp_path], "x", array)
     assert path == tmp_path / "x"
     np.testing.assert_array_equal(np.fromfile(path, np.float32).reshape(3, 4), array)
+
+
+def test_scratch_of_dead_processes_is_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    """A SIGKILLed inference process leaves its bundle workdir and transfer files; the next one sweeps."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    gone_dir = tmp_path / f"{BUNDLE_WORKDIR_PREFIX}{dead.pid}-bundle-x1"
+    (gone_dir / "in").mkdir(parents=True)
+    (gone_dir / "in" / "image.nii.gz").write_bytes(b"x")
+    gone_file = tmp_path / f"{TRANSFER_PREFIX}{dead.pid}-token-in"
+    gone_file.write_bytes(b"x")
+    live_dir = tmp_path / f"{BUNDLE_WORKDIR_PREFIX}{os.getpid()}-bundle-x2"
+    live_dir.mkdir()
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    sweep_dead_pid_entries(tmp_path, BUNDLE_WORKDIR_PREFIX)
+    sweep_dead_pid_entries(tmp_path, TRANSFER_PREFIX)
+    assert not gone_dir.exists() and not gone_file.exists()
+    assert live_dir.is_dir() and other.is_dir()
 
 
 def test_cuda_without_a_gpu_falls_back_to_cpu_at_once() -> None:
