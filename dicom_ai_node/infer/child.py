@@ -19,6 +19,7 @@ Protocol, one duplex pipe, every message a tuple whose first item is its kind:
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib
 import logging
 import mmap
@@ -37,11 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from dicom_ai_node.domain.results import FindingResult, FindingSpec, ModelIdentity, SegmentSpec
 from dicom_ai_node.errors import InferenceError, NodeError
-from dicom_ai_node.infer.base import Task
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry
-from dicom_ai_node.infer.runner import run_model
+from dicom_ai_node.infer.runner import InferenceResult, run_model
 from dicom_ai_node.infer.transfer import write_array
 from dicom_ai_node.infer.volume import Volume
 
@@ -70,17 +69,13 @@ class Request:
 
 @dataclass
 class Reply:
+    """The model's result without its label map, which waits in the file at `label_path`."""
+
     token: str
-    task: Task
+    result: InferenceResult  # label_map is None here
     label_path: str | None
     label_shape: tuple[int, ...]
     label_dtype: str
-    findings: list[FindingResult] | None
-    identity: ModelIdentity
-    segments: list[SegmentSpec]
-    finding_specs: list[FindingSpec]
-    seconds: float
-    device: str
 
 
 class RemoteTraceback(Exception):
@@ -229,16 +224,10 @@ def serve(registry: ModelRegistry, request: Request) -> Reply:
         label_shape, label_dtype = tuple(int(n) for n in label_map.shape), label_map.dtype.str
     return Reply(
         token=request.token,
-        task=result.task,
+        result=dataclasses.replace(result, label_map=None),
         label_path=label_path,
         label_shape=label_shape,
         label_dtype=label_dtype,
-        findings=result.findings,
-        identity=result.identity,
-        segments=result.segments,
-        finding_specs=result.finding_specs,
-        seconds=result.seconds,
-        device=result.device,
     )
 
 

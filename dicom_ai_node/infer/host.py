@@ -23,6 +23,7 @@ debugging and profiling.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -183,18 +184,12 @@ class InferenceHost(ClosingHost):
                 modality=volume.modality,
             )
             reply = self._exchange(conn, request, series_uid)
-            result = InferenceResult(
-                task=reply.task,
-                label_map=read_array(Path(reply.label_path), reply.label_shape, reply.label_dtype)
+            label_map = (
+                read_array(Path(reply.label_path), reply.label_shape, reply.label_dtype)
                 if reply.label_path is not None
-                else None,
-                findings=reply.findings,
-                identity=reply.identity,
-                segments=reply.segments,
-                finding_specs=reply.finding_specs,
-                seconds=reply.seconds,
-                device=reply.device,
+                else None
             )
+            result = dataclasses.replace(reply.result, label_map=label_map)
         finally:
             # Whatever happened (timeout, crash, model error), no transfer file outlives the call.
             for path in [in_path, *out_paths]:
