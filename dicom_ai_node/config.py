@@ -137,6 +137,22 @@ class ModelSettings(_Strict):
     inference_timeout_s: float = Field(900, ge=0)
 
 
+class RetentionSettings(_Strict):
+    # The node is not an archive: the PACS holds the images and the results. After `days` without a new
+    # instance, a finished series' images and results leave the spool (its rows stay, without PHI, as
+    # the job history). 0 keeps everything for ever.
+    days: float = Field(7, ge=0)
+    # A series with a dead-letter job is kept this long instead (an admin may still replay the job).
+    dead_days: float = Field(30, ge=0)
+    interval_s: float = Field(3600, gt=0)
+
+    @model_validator(mode="after")
+    def _dead_kept_at_least_as_long(self) -> RetentionSettings:
+        if self.days and self.dead_days < self.days:
+            raise ValueError("dead_days must be at least days")
+        return self
+
+
 class IdentitySettings(_Strict):
     manufacturer: str = "dicom-ai-node project"
     manufacturer_model_name: str = "dicom-ai-node"
@@ -171,6 +187,7 @@ class NodeSettings(BaseSettings):
     disk_reserve_mb: int = Field(500, ge=0)
     quiet_period_s: float = Field(5, ge=0)
     sweep_interval_s: float = Field(1, gt=0)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     rules_file: Path = Path("config/rules.yaml")
     destinations: list[Destination] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from dicom_ai_node.persistence.db import create_schema, make_engine
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.route.completion import CompletionSweep
+from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import Spool
 from dicom_ai_node.worker.runner import Worker
 from dicom_ai_node.worker.stages import StageContext, run_deliver, run_infer
@@ -93,7 +95,7 @@ def build_scheduler(services: Services, completion_sweep: bool = True) -> Backgr
     """In-process, idempotent DB sweeps only (notes/reliability-security.md on APScheduler).
 
     Every process recovers stalled jobs; a worker-only process (`completion_sweep=False`) leaves routing
-    to the receiving nodes.
+    and retention to the receiving nodes.
     """
     s = services.settings
     scheduler = BackgroundScheduler(
@@ -113,6 +115,16 @@ def build_scheduler(services: Services, completion_sweep: bool = True) -> Backgr
             seconds=s.sweep_interval_s,
             id="completion-sweep",
         )
+        if s.retention.days:
+            retention = RetentionSweep(services.repo, services.spool, s.retention)
+            scheduler.add_job(
+                _guarded(retention.run_once, "retention sweep"),
+                "interval",
+                seconds=s.retention.interval_s,
+                id="retention",
+                # First run soon after start, not an interval later: a node restarted daily must still purge.
+                next_run_time=datetime.now(UTC) + timedelta(seconds=60),
+            )
     scheduler.add_job(
         _guarded(lambda: services.queue.recover_stalled(s.worker.lease_s), "stalled-job recovery"),
         "interval",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
-from dicom_ai_node.persistence.tables import instances, results, series
+from dicom_ai_node.persistence.tables import instances, jobs, results, series
 
 # SC: Secondary Capture key images with the overlay burned in (optional per destination).
 ResultKind = Literal["SEG", "SR", "SC"]
@@ -29,6 +29,13 @@ class SeriesStatus(enum.StrEnum):
     ROUTED = "routed"  # a rule matched and its jobs were enqueued
     UNMATCHED = "unmatched"  # no rule matched
     FAILED = "failed"  # routing itself failed (e.g. unreadable header)
+    PURGED = "purged"  # finished long enough ago: retention removed its spool files and instance rows
+
+
+# Series whose routing is over; retention may purge them once their jobs have finished too.
+FINISHED_SERIES = (SeriesStatus.ROUTED, SeriesStatus.UNMATCHED, SeriesStatus.FAILED)
+# Job states that still need the series' files (a FAILED job waits for its retry).
+_ACTIVE_JOB_STATES = ("queued", "running", "failed")
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,77 @@ class SeriesRepository:
         )
         with self._engine.begin() as conn:
             return conn.execute(stmt).rowcount
+
+    # -- retention ---------------------------------------------------------------------------------
+
+    def purgeable_series(
+        self, older_than: datetime, dead_older_than: datetime, limit: int = 100
+    ) -> list[SeriesRow]:
+        """Finished series whose last instance arrived before `older_than` and whose jobs have all
+        finished; a series with a dead-letter job only once it is older than `dead_older_than` (an admin
+        may still replay the job). Oldest first."""
+        # Jobs name their series in the JSON payload (dump_json: sorted keys, ": " separator); UIDs hold
+        # only digits and dots, so they are safe inside a LIKE pattern.
+        names_series = jobs.c.payload.like(
+            sa.literal('%"series_instance_uid": "') + series.c.series_instance_uid + sa.literal('"%')
+        )
+        active_job = sa.exists().where(names_series, jobs.c.status.in_(_ACTIVE_JOB_STATES))
+        dead_job = sa.exists().where(names_series, jobs.c.status == "dead")
+        stmt = (
+            sa.select(series)
+            .where(
+                series.c.status.in_([s.value for s in FINISHED_SERIES]),
+                series.c.last_received_at < older_than,
+                ~active_job,
+                sa.or_(series.c.last_received_at < dead_older_than, ~dead_job),
+            )
+            .order_by(series.c.last_received_at, series.c.series_instance_uid)
+            .limit(limit)
+        )
+        return self._series_rows(stmt)
+
+    def purge_series(self, row: SeriesRow, now: datetime | None = None) -> list[str] | None:
+        """Mark `row` purged and delete its instance rows, in one transaction; returns the spool paths
+        (instances and results) the caller must now delete, or None when the series changed since it
+        was listed (a late instance re-opened it): nothing is touched then.
+
+        Result rows stay: their UIDs keep re-runs idempotent and revisions chained. Instance rows go, so
+        the series can be sent again and is then received as new.
+        """
+        now = now or self._clock()
+        claim = (
+            sa.update(series)
+            .where(
+                series.c.series_instance_uid == row.series_instance_uid,
+                series.c.status == row.status.value,
+                series.c.generation == row.generation,
+                series.c.last_received_at == row.last_received_at,
+            )
+            .values(
+                status=SeriesStatus.PURGED.value,
+                instance_count=0,
+                route_note=f"images removed by retention on {now:%Y-%m-%d} (was {row.status.value})",
+            )
+        )
+        with self._engine.begin() as conn:
+            if conn.execute(claim).rowcount != 1:
+                return None
+            # After the compare-and-set: on PostgreSQL the series row is now locked, so an instance of
+            # this series arriving meanwhile waits for this commit and then re-opens the series afresh.
+            found = conn.execute(
+                sa.select(instances.c.id, instances.c.spool_path).where(
+                    instances.c.series_instance_uid == row.series_instance_uid
+                )
+            ).all()
+            ids = [r.id for r in found]
+            for start in range(0, len(ids), 500):
+                conn.execute(sa.delete(instances).where(instances.c.id.in_(ids[start : start + 500])))
+            result_paths = conn.execute(
+                sa.select(results.c.spool_path).where(
+                    results.c.source_series_instance_uid == row.series_instance_uid
+                )
+            ).scalars()
+            return [r.spool_path for r in found] + [p for p in result_paths if p]
 
     # -- reads -------------------------------------------------------------------------------------
 

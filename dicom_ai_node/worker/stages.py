@@ -27,7 +27,7 @@ from dicom_ai_node.errors import InferenceError, PermanentDeliveryError, Transie
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.volume import load_series, voxel_volume_mm3
 from dicom_ai_node.persistence.queue import Job, JobQueue
-from dicom_ai_node.persistence.repository import SeriesRepository
+from dicom_ai_node.persistence.repository import SeriesRepository, SeriesStatus
 from dicom_ai_node.store.spool import Spool
 from dicom_ai_node.worker.outputs import (
     PLAIN_BINARY,
@@ -61,6 +61,11 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
 
     instances = ctx.repo.instances_of_series(series_uid)
     if not instances:
+        row = ctx.repo.get_series(series_uid)
+        if row is not None and row.status == SeriesStatus.PURGED:
+            raise InferenceError(
+                f"series {series_uid}: {row.route_note}; send the series again to process it"
+            )
         raise InferenceError(f"series {series_uid} has no stored instances")
     volume = load_series([ctx.spool.path(i.spool_path) for i in instances])
     timings["load_s"] = time.perf_counter() - t0
@@ -184,6 +189,12 @@ def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
     dest = ctx.settings.destination(job.payload["destination"])
     deliverer = deliverer_for(dest, ctx.settings.ae_title)
     paths: list[Path] = [ctx.spool.path(rel) for rel in job.payload["files"]]
+    gone = [p for p in paths if not p.is_file()]
+    if gone:
+        raise PermanentDeliveryError(
+            f"{len(gone)} of {len(paths)} result files are no longer in the spool (retention removes them "
+            "with their series' images): send the series again to make new results"
+        )
     t0 = time.perf_counter()
     fallback = False
     try:

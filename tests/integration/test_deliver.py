@@ -109,3 +109,17 @@ def test_rejection_goes_straight_to_dead_letter(node_settings, tmp_path: Path, r
     job = services.queue.get(job_id)
     assert job.status == JobStatus.DEAD and job.attempts == 1
     assert "rejected" in job.last_error
+
+
+def test_result_files_gone_from_the_spool_is_a_clear_dead_letter(node_settings, tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    """Retention removed the results (or someone deleted them): no association, a message that says why."""
+    port, out = pacs
+    services, worker, job_id = _deliver_job(node_settings, tmp_path, port)
+    services.spool.path(services.queue.get(job_id).payload["files"][0]).unlink()
+    worker.run_one()
+    job = services.queue.get(job_id)
+    assert job.status == JobStatus.DEAD and job.attempts == 1
+    assert (
+        "1 of 2 result files are no longer in the spool" in job.last_error and "retention" in job.last_error
+    )
+    assert list(out.iterdir()) == []

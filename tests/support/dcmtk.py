@@ -6,8 +6,10 @@ Debian's DCMTK leaves Nagle on; TCP_NODELAY=1 avoids the ~45 ms stall per C-STOR
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,21 @@ from pathlib import Path
 from tests.support.node import free_port
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def dcmtk_tool(name: str) -> str:
+    """The DCMTK program `name`, never pynetdicom's same-named console script in an activated venv.
+
+    pynetdicom installs its own storescu, storescp, findscu... into the environment's bin directory;
+    with the venv activated they come first on PATH and take other options.
+    """
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if directory and Path(directory).resolve() != venv_bin:
+            found = shutil.which(name, path=directory)
+            if found:
+                return found
+    raise FileNotFoundError(f"DCMTK {name} not found: apt-get install dcmtk (scripts/bootstrap.sh does)")
 
 
 def wait_port(port: int, timeout_s: float = 10) -> None:
@@ -34,7 +51,7 @@ def storescp(out_dir: Path, aet: str = "PACS") -> Iterator[int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(
-        ["storescp", "-aet", aet, "-od", str(out_dir), str(port)],
+        [dcmtk_tool("storescp"), "-aet", aet, "-od", str(out_dir), str(port)],
         env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -53,7 +70,7 @@ def storescu(
     """Run DCMTK storescu; raises RuntimeError with its output on a non-zero exit."""
     proc = subprocess.run(
         [
-            "storescu",
+            dcmtk_tool("storescu"),
             "-aet",
             calling_aet,
             "-aec",
