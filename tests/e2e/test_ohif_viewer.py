@@ -36,7 +36,7 @@ from tests.support.ohif import OhifMissingError, OhifServer, ViewerCapture, capt
 from tests.support.orthanc import OrthancServer
 from tests.support.stack import orthanc_with_node
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
 RESULT_TIMEOUT_S = 240
 # A screen pixel belongs to an overlay when "segment alone" and "no SEG" differ by more than this
@@ -140,10 +140,10 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Viewe
                 except RuntimeError as exc:  # the other modality still gets checked
                     case.error = str(exc)
                     continue
-                # OHIF's own actor race (tests/support/ohif_driver.mjs, actorMismatch): the driver
-                # reloads the viewer when it sees it; every assertion below runs on the clean session.
+                # OHIF's own actor race (tests/support/ohif_driver.mjs, actorMismatch): the driver opens
+                # the viewer again when it sees it; every assertion below runs on the clean session.
                 for race in case.capture.report.get("viewerRaces", []):
-                    print(f"{key}: OHIF stale-actor race in viewer session {race['session']}, reloaded")
+                    print(f"{key}: OHIF stale-actor race in viewer session {race['session']}, opened again")
             _write_doc_screenshots(cases)
             yield cases
         finally:

@@ -46,8 +46,7 @@ const viewerState = () => {
   const cs = window.cornerstone;
   const tools = window.cornerstoneTools;
   if (!cs || !tools) return { ready: false, why: 'cornerstone not initialised' };
-  const viewports = cs.getRenderingEngines().flatMap((e) => e.getViewports());
-  const vp = viewports.find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+  const vp = window.ainodeStackViewport();
   if (!vp) return { ready: false, why: 'no stack viewport with images' };
   const reps = tools.segmentation.state.getSegmentationRepresentations(vp.id) || [];
   const rep = reps.find((r) => r.type === 'Labelmap');
@@ -76,8 +75,7 @@ const viewerState = () => {
 // Measured: present in 4 of 8 sessions right after the SEG appeared, the same ones whose screenshots
 // showed the first image, and never appearing later in a session that started clean.
 const actorMismatch = () => {
-  const vp = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
-    .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+  const vp = window.ainodeStackViewport();
   if (!vp || typeof vp.getRenderer !== 'function') return null;
   const known = (vp.getActors() || []).map((a) => a.actor);
   const drawn = vp.getRenderer().getViewProps();
@@ -86,8 +84,8 @@ const actorMismatch = () => {
   return orphaned || notDrawn ? { orphaned, notDrawn } : null;
 };
 
-// Sessions the driver may open (a page reload each) while the viewer shows the actor race above.
-const MAX_VIEWER_SESSIONS = 8;
+// Viewer sessions the driver may open (a fresh browser context each) while it shows the actor race above.
+const MAX_VIEWER_SESSIONS = 12;
 
 async function waitReady(page) {
   let last = null;
@@ -105,9 +103,7 @@ async function waitReady(page) {
 
 const currentIndex = (page) =>
   page.evaluate(() => {
-    const vp = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
-      .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
-    return vp.getCurrentImageIdIndex();
+    return window.ainodeStackViewport().getCurrentImageIdIndex();
   });
 
 async function waitIndexSettled(page, index) {
@@ -127,8 +123,7 @@ async function waitIndexSettled(page, index) {
 async function waitImageRendered(page) {
   for (let t = 0; t < 150 && Date.now() < deadline; t++) {
     const state = await page.evaluate(() => {
-      const vp = window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
-        .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+      const vp = window.ainodeStackViewport();
       const image = vp.csImage || (typeof vp.getCornerstoneImage === 'function' ? vp.getCornerstoneImage() : null);
       if (!image || !image.imageId) return 'unknown';
       if (image.imageId !== vp.getCurrentImageId()) return 'loading';
@@ -193,6 +188,30 @@ async function stableShot(page, clip, file, changedFrom = null) {
   return previous;
 }
 
+// A fresh browser context (own cache and storage) with the viewer page and the report's listeners.
+async function openContext(browser) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, deviceScaleFactor: 1 });
+  // The first-visit tour would cover the viewport.
+  await context.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
+  // In-page: the one stack viewport OHIF opened (the viewport with images), for every evaluate below.
+  await context.addInitScript(() => {
+    window.ainodeStackViewport = () => window.cornerstone.getRenderingEngines().flatMap((e) => e.getViewports())
+      .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+  });
+  const newPage = await context.newPage();
+  newPage.setDefaultTimeout(remaining());
+  newPage.on('console', (m) => {
+    const text = m.text();
+    if (m.type() === 'error') report.consoleErrors.push(text.slice(0, 300));
+    // OHIF logs a SEG it gave up on as a warning and leaves the viewport without it.
+    if (/Segmentation .* failed to load/.test(text)) report.segLoadFailure = text.slice(0, 300);
+    if (/prefetchInstanceFrames/.test(text)) report.segPrefetchWarnings.push(text.split('\n')[0].slice(0, 300));
+  });
+  newPage.on('requestfailed', (r) => report.failedRequests.push(`${r.url().slice(0, 200)} ${r.failure()?.errorText}`));
+  newPage.on('response', (r) => r.status() >= 400 && report.httpErrors.push(`${r.status()} ${r.url().slice(0, 300)}`));
+  return { context, page: newPage };
+}
+
 async function main() {
   fs.mkdirSync(args.outDir, { recursive: true });
   const browser = await chromium.launch({
@@ -202,39 +221,28 @@ async function main() {
     timeout: 60000,
   });
   try {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, deviceScaleFactor: 1 });
-    // The first-visit tour would cover the viewport.
-    await context.addInitScript(() => localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour'])));
-    page = await context.newPage();
-    page.setDefaultTimeout(remaining());
-    page.on('console', (m) => {
-      const text = m.text();
-      if (m.type() === 'error') report.consoleErrors.push(text.slice(0, 300));
-      // OHIF logs a SEG it gave up on as a warning and leaves the viewport without it.
-      if (/Segmentation .* failed to load/.test(text)) report.segLoadFailure = text.slice(0, 300);
-      if (/prefetchInstanceFrames/.test(text)) report.segPrefetchWarnings.push(text.split('\n')[0].slice(0, 300));
-    });
-    page.on('requestfailed', (r) => report.failedRequests.push(`${r.url().slice(0, 200)} ${r.failure()?.errorText}`));
-    page.on('response', (r) => r.status() >= 400 && report.httpErrors.push(`${r.status()} ${r.url().slice(0, 300)}`));
-
     const query = new URLSearchParams({
       StudyInstanceUIDs: args.studyInstanceUID,
       initialSeriesInstanceUID: args.segSeriesInstanceUID,
     });
     report.viewerUrl = `${args.url}/viewer?${query}`;
-    // A reader who saw the CT stuck would reload the page; so does the driver, and says so in the report.
+    // A reader who saw the CT stuck would open the viewer again; so does the driver, in a fresh browser
+    // context, and says so in the report. Measured: page reloads in the same context hit the race again
+    // and again (5 and 6 times in a row); fresh contexts 12 times in 22 sessions, at most 3 in a row.
     let state = null;
+    let context = null;
     report.viewerRaces = [];
     for (let session = 1; ; session++) {
       step('open viewer', { session });
-      if (session === 1) await page.goto(report.viewerUrl, { timeout: remaining() });
-      else await page.reload({ timeout: remaining() });
+      if (context) await context.close();
+      ({ context, page } = await openContext(browser));
+      await page.goto(report.viewerUrl, { timeout: remaining() });
       state = await waitReady(page);
       await page.waitForTimeout(1000); // let the SEG hydration settle before judging the actors
       const mismatch = await page.evaluate(actorMismatch);
       if (!mismatch) break;
       report.viewerRaces.push({ session, ...mismatch });
-      step('viewer actor race: reloading', { session, ...mismatch });
+      step('viewer actor race: opening again', { session, ...mismatch });
       if (session >= MAX_VIEWER_SESSIONS) {
         throw new Error(`OHIF kept a stale image actor in all ${session} sessions: ${JSON.stringify(report.viewerRaces)}`);
       }
@@ -261,8 +269,7 @@ async function main() {
 
     const shown = await page.evaluate(() => {
       const cs = window.cornerstone;
-      const vp = cs.getRenderingEngines().flatMap((e) => e.getViewports())
-        .find((v) => typeof v.getImageIds === 'function' && v.getImageIds().length);
+      const vp = window.ainodeStackViewport();
       const imageId = vp.getCurrentImageId();
       const plane = cs.metaData.get('imagePlaneModule', imageId);
       // Centre of pixel (column c, row r): IPP + c * column spacing * row cosines + r * row spacing * column cosines.
