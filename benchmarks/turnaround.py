@@ -47,7 +47,7 @@ def run_case(name: str, series, orthanc: OrthancServer, node: NodeProcess) -> di
     while True:
         jobs = [
             j
-            for j in node.get_json("/api/jobs?limit=100")
+            for j in node.jobs(limit=100)
             if j["payload"].get("series_instance_uid") == series.series_instance_uid
         ]
         infer = next(j for j in jobs if j["kind"] == "infer")

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 from dicom_ai_node import __version__
+from dicom_ai_node.cli_admin import register_rules_commands, tokens_app, users_app
+from dicom_ai_node.cli_db import db_app
 from dicom_ai_node.config import NodeSettings, load_settings
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import ConfigError, DeliveryError, InvalidDicomError, RuleError
@@ -21,6 +23,7 @@ from dicom_ai_node.training.cli import train_app
 
 if TYPE_CHECKING:
     from dicom_ai_node.infer.registry import ModelRegistry
+    from dicom_ai_node.node import Services
 
 app = typer.Typer(help="PACS-integrated DICOM AI node.", no_args_is_help=True, add_completion=False)
 rules_app = typer.Typer(help="Routing rules.", no_args_is_help=True)
@@ -30,6 +33,10 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 app.add_typer(train_app, name="train")
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
+register_rules_commands(rules_app)
 app.command("evaluate")(evaluate_command)
 
 ConfigOption = Annotated[
@@ -62,6 +69,7 @@ def _setup_logging(level: str) -> None:
     # pynetdicom logs every PDU at INFO; keep its warnings only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # highdicom logs every copied module at INFO.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
 
@@ -96,42 +104,85 @@ def serve(
     """Embedded node: DICOM SCP + completion sweeps + workers + admin HTTP, in one process."""
     from dicom_ai_node.api.app import create_app
     from dicom_ai_node.api.server import start_http
-    from dicom_ai_node.node import build_scheduler, build_services, build_workers, start_worker_threads
+    from dicom_ai_node.infer.host import InferenceHost
+    from dicom_ai_node.metrics import NodeMetrics
+    from dicom_ai_node.node import build_scheduler, build_workers, seed_rules, start_worker_threads
+    from dicom_ai_node.node_admin import build_admin_context, insecure_http_warning, readiness_checks
+    from dicom_ai_node.persistence.accounts import AccountRepository
+    from dicom_ai_node.persistence.audit import AuditLog
     from dicom_ai_node.receive.scp import StorageSCP
 
     settings = _settings(config)
     _setup_logging(settings.log_level)
-    services = build_services(settings)
+    services = _node_services(settings)
+    try:
+        seed_rules(services)
+    except RuleError as exc:
+        log.error("rules file not seeded: %s", exc)
     dropped = services.spool.clean_incoming()
     if dropped:
         log.info("removed %d unacknowledged partial files from the spool", dropped)
     stop = _wait_for_signal()
+    metrics = NodeMetrics(job_counts=services.queue.counts, queue_stats=services.queue.stats)
+    inference = InferenceHost.from_settings(settings.models) if workers else None
+    threads: list[threading.Thread] = []
 
     # Bind both listeners first: a busy port is one clear line and exit 1, not a half-started node.
-    scp = StorageSCP(settings, services.spool, services.repo)
+    scp = StorageSCP(settings, services.spool, services.repo, metrics)
     try:
         scp.start()
     except OSError as exc:
         _fail_listen("DICOM", settings.dicom.bind, settings.dicom.port, exc)
     server = None
     if http:
-        info = {"version": __version__, "ae_title": settings.ae_title, "dicom_port": scp.port}
-        api = create_app(services.repo, services.queue, services.rules, info)
+        warning = insecure_http_warning(settings.http)
+        if warning:
+            log.warning(warning)
+        readiness = readiness_checks(
+            services.queue,
+            services.spool,
+            settings.disk_reserve_mb * 1024 * 1024,
+            inference,
+            lambda: threads,
+        )
+        ctx = build_admin_context(
+            settings,
+            repo=services.repo,
+            queue=services.queue,
+            rules=services.rules,
+            accounts=AccountRepository(services.engine),
+            audit=AuditLog(services.engine),
+            registry=services.registry,
+            readiness=readiness,
+            metrics=metrics,
+            version=__version__,
+            dicom_port=scp.port,
+        )
         try:
-            server = start_http(api, settings.http.bind, settings.http.port)
+            server = start_http(
+                create_app(ctx),
+                settings.http.bind,
+                settings.http.port,
+                tls_cert=settings.http.tls_cert,
+                tls_key=settings.http.tls_key,
+            )
         except OSError as exc:
             scp.stop()
             _fail_listen("HTTP", settings.http.bind, settings.http.port, exc)
 
     scheduler = build_scheduler(services)
     scheduler.start()
-    threads = start_worker_threads(build_workers(services, list(JobKind)), stop) if workers else []
+    if workers:
+        node_workers = build_workers(services, list(JobKind), inference=inference, metrics=metrics)
+        threads.extend(start_worker_threads(node_workers, stop))
+    scheme = "https" if settings.http.tls else "http"
     log.info(
-        "dicom-ai-node %s: AE %s on %s:%d, admin http://%s:%d/",
+        "dicom-ai-node %s: AE %s on %s:%d, admin %s://%s:%d/",
         __version__,
         settings.ae_title,
         settings.dicom.bind,
         scp.port,
+        scheme,
         settings.http.bind,
         settings.http.port,
     )
@@ -145,6 +196,30 @@ def serve(
     log.info("stopped")
 
 
+def _node_services(settings: NodeSettings) -> Services:
+    """serve/worker: bring the schema up to date (auto_upgrade_schema) or refuse with one line."""
+    from dicom_ai_node.node import build_services
+    from dicom_ai_node.persistence.db import SchemaOutOfDateError
+
+    try:
+        return build_services(settings, migrate="upgrade" if settings.auto_upgrade_schema else "check")
+    except SchemaOutOfDateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _read_services(config: Path | None) -> Services:
+    """Read-only commands: never create or alter the database; one line when it is missing or behind."""
+    from dicom_ai_node.node import build_services
+    from dicom_ai_node.persistence.db import SchemaOutOfDateError
+
+    try:
+        return build_services(_settings(config), migrate="check")
+    except SchemaOutOfDateError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _fail_listen(what: str, host: str, port: int, exc: OSError) -> NoReturn:
     typer.echo(f"error: cannot listen for {what} on {host}:{port}: {exc.strerror or exc}", err=True)
     raise typer.Exit(1) from exc
@@ -154,17 +229,27 @@ def _fail_listen(what: str, host: str, port: int, exc: OSError) -> NoReturn:
 def worker(
     config: ConfigOption = None,
     kind: Annotated[list[JobKind] | None, typer.Option(help="Job kinds to run (default: all)")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics for this process on 127.0.0.1:PORT")
+    ] = None,
 ) -> None:
     """A separate worker process (scale-out: one per GPU) against the shared database and spool."""
-    from dicom_ai_node.node import build_scheduler, build_services, build_workers, start_worker_threads
+    from dicom_ai_node.metrics import NodeMetrics, start_metrics_server
+    from dicom_ai_node.node import build_scheduler, build_workers, start_worker_threads
 
     settings = _settings(config)
     _setup_logging(settings.log_level)
-    services = build_services(settings)
+    services = _node_services(settings)
     stop = _wait_for_signal()
+    metrics = NodeMetrics(job_counts=services.queue.counts, queue_stats=services.queue.stats)
+    if metrics_port is not None:
+        try:
+            start_metrics_server(metrics, "127.0.0.1", metrics_port)
+        except OSError as exc:
+            _fail_listen("metrics", "127.0.0.1", metrics_port, exc)
     scheduler = build_scheduler(services, completion_sweep=False)
     scheduler.start()
-    threads = start_worker_threads(build_workers(services, kind or list(JobKind)), stop)
+    threads = start_worker_threads(build_workers(services, kind or list(JobKind), metrics=metrics), stop)
     stop.wait()
     scheduler.shutdown(wait=False)
     for t in threads:
@@ -231,7 +316,7 @@ def rules_validate(
     config: ConfigOption = None,
 ) -> None:
     """Check a rules file: syntax, operators, regexes, and that models and destinations exist."""
-    from dicom_ai_node.domain.rules import load_rules
+    from dicom_ai_node.rules_file import load_rules
 
     settings = _settings(config)
     try:
@@ -256,9 +341,7 @@ def jobs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List jobs, newest first."""
-    from dicom_ai_node.node import build_services
-
-    services = build_services(_settings(config))
+    services = _read_services(config)
     jobs = services.queue.list_jobs(status=status, kind=kind, limit=limit)
     if as_json:
         typer.echo(json.dumps([_job_json(j) for j in jobs], indent=2))
@@ -284,9 +367,7 @@ def _job_json(j: object) -> dict[str, object]:
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
     """Re-queue a dead or failed job (dead-letter replay)."""
-    from dicom_ai_node.node import build_services
-
-    services = build_services(_settings(config))
+    services = _read_services(config)
     if not services.queue.retry(job_id):
         typer.echo(f"error: job {job_id} is not dead or failed (or does not exist)", err=True)
         raise typer.Exit(1)
@@ -296,9 +377,7 @@ def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
 @jobs_app.command("rerun")
 def jobs_rerun(job_id: int, config: ConfigOption = None) -> None:
     """Run a finished job again (same UIDs: its results replace, not duplicate, in the PACS)."""
-    from dicom_ai_node.node import build_services
-
-    services = build_services(_settings(config))
+    services = _read_services(config)
     new_id = services.queue.rerun(job_id)
     if new_id is None:
         typer.echo(f"error: job {job_id} has not finished (or does not exist)", err=True)

@@ -66,6 +66,45 @@ class DicomSettings(_Strict):
 class HttpSettings(_Strict):
     bind: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # HTTPS for the admin page and API: PEM certificate (chain) and private key. Without them the node
+    # serves plain HTTP and warns at start when bound to anything but loopback.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Sign-in sessions end after this long without a request, and after session_max_hours in any case.
+    session_idle_minutes: float = Field(30, gt=0)
+    session_max_hours: float = Field(12, gt=0)
+    # More failed sign-ins than this for one user name within the window (or 3x from one address)
+    # locks sign-in for that name (address) until the window has passed.
+    login_max_failures: int = Field(5, ge=1)
+    login_window_minutes: float = Field(15, gt=0)
+    # /metrics answers these client networks without sign-in (a Prometheus on the same host);
+    # others need an API token.
+    metrics_allowed_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+    @field_validator("metrics_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: list[str]) -> list[str]:
+        for net in networks:
+            ipaddress.ip_network(net, strict=False)  # raises ValueError with the bad value
+        return networks
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def is_loopback(self) -> bool:
+        if self.bind == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.bind).is_loopback
+        except ValueError:
+            return False
 
 
 class Destination(_Strict):
@@ -183,6 +222,10 @@ class NodeSettings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     spool_dir: Path = Path("var/spool")
     database_url: str = "sqlite:///var/ainode.db"
+    # serve/worker bring an older database schema up to date at start (alembic migrations). Set false
+    # where an operator runs `dicom-ai-node db upgrade` by hand (scale-out): the node then refuses to
+    # start against an out-of-date schema, with one line saying so.
+    auto_upgrade_schema: bool = True
     # Below this much free disk the SCP refuses instances with 0xA700 instead of risking a torn write.
     disk_reserve_mb: int = Field(500, ge=0)
     quiet_period_s: float = Field(5, ge=0)
@@ -236,6 +279,13 @@ class NodeSettings(BaseSettings):
             updates["spool_dir"] = (base / self.spool_dir).resolve()
         if not self.rules_file.is_absolute():
             updates["rules_file"] = (base / self.rules_file).resolve()
+        http_paths = {
+            key: (base / value).resolve()
+            for key in ("tls_cert", "tls_key")
+            if (value := getattr(self.http, key)) is not None and not value.is_absolute()
+        }
+        if http_paths:
+            updates["http"] = self.http.model_copy(update=http_paths)
         if self.database_url.startswith("sqlite:///") and not self.database_url.startswith("sqlite:////"):
             rel = self.database_url.removeprefix("sqlite:///")
             updates["database_url"] = "sqlite:///" + str((base / rel).resolve())

@@ -65,3 +65,12 @@ class PermanentDeliveryError(DeliveryError, PermanentError):
 
 class InferenceTimeoutError(InferenceError):
     """A model ran past models.inference_timeout_s; its process was killed (retrying would hang again)."""
+
+
+class AccountError(NodeError):
+    """A user or API token change was refused: duplicate or unknown user, weak password, role too high."""
+
+
+class RuleConflictError(NodeError):
+    """A rule save was refused: another save came first (expected version is not the current one),
+    the id already exists (create), or it is unknown or deleted (update, delete, rollback)."""

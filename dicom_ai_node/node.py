@@ -7,25 +7,32 @@ is passed in explicitly.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.domain.jobs import JobKind, RetryPolicy
-from dicom_ai_node.domain.rules import RuleSet, load_rules
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry
-from dicom_ai_node.persistence.db import create_schema, make_engine
+from dicom_ai_node.metrics import NodeMetrics
+from dicom_ai_node.persistence.audit import AuditLog
+from dicom_ai_node.persistence.db import (
+    SchemaOutOfDateError,
+    check_schema,
+    make_engine,
+    sqlite_path,
+    upgrade_schema,
+)
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
+from dicom_ai_node.persistence.rules_store import RuleStore
 from dicom_ai_node.route.completion import CompletionSweep
+from dicom_ai_node.rules_file import load_rules
 from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import Spool
 from dicom_ai_node.worker.runner import Worker
@@ -34,50 +41,30 @@ from dicom_ai_node.worker.stages import StageContext, run_deliver, run_infer
 log = logging.getLogger(__name__)
 
 
-class RulesFile:
-    """The rules file, re-read when it changes on disk, so admin edits apply without a restart.
-
-    A broken edit keeps the last good rule set (and logs why) instead of stopping routing.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime: float | None = None
-        self._rules = RuleSet()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> RuleSet:
-        with self._lock:
-            try:
-                mtime = os.stat(self.path).st_mtime
-            except OSError:
-                log.error("rules file %s is missing; keeping %d rules", self.path, len(self._rules.rules))
-                return self._rules
-            if mtime != self._mtime:
-                try:
-                    self._rules = load_rules(self.path)
-                    log.info("loaded %d rules from %s", len(self._rules.rules), self.path)
-                except Exception as exc:  # noqa: BLE001 - RuleError or YAML error: keep last good rules
-                    log.error("rules file %s not loaded, keeping previous rules: %s", self.path, exc)
-                self._mtime = mtime
-            return self._rules
-
-
 @dataclass
 class Services:
     settings: NodeSettings
     repo: SeriesRepository
     queue: JobQueue
     spool: Spool
-    rules: RulesFile
+    # Routing rules live in the database (versioned); a saved change reaches every process on its
+    # next sweep without a restart.
+    rules: RuleStore
     registry: ModelRegistry
     engine: Any = None
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-def build_services(settings: NodeSettings, registry: ModelRegistry | None = None) -> Services:
-    engine = make_engine(settings.database_url)
-    create_schema(engine)
+def build_services(
+    settings: NodeSettings,
+    registry: ModelRegistry | None = None,
+    *,
+    migrate: Literal["upgrade", "check"] = "check",
+) -> Services:
+    """Build the node's objects. `migrate="upgrade"` brings the database schema to head first (serve and
+    worker with auto_upgrade_schema); "check" creates and alters nothing and raises SchemaOutOfDateError
+    (one line saying what to run) when the schema is behind or, for SQLite, the file does not exist."""
+    engine = _open_database(settings.database_url, migrate)
     w = settings.worker
     policy = RetryPolicy(base_s=w.backoff_base_s, cap_s=w.backoff_cap_s, max_attempts=w.max_attempts)
     return Services(
@@ -85,10 +72,30 @@ def build_services(settings: NodeSettings, registry: ModelRegistry | None = None
         repo=SeriesRepository(engine),
         queue=JobQueue(engine, policy),
         spool=Spool(settings.spool_dir),
-        rules=RulesFile(settings.rules_file),
+        rules=RuleStore(engine),
         registry=registry or default_registry(settings.models.device, settings.models.paths),
         engine=engine,
     )
+
+
+def _open_database(url: str, migrate: Literal["upgrade", "check"]) -> Any:
+    if migrate == "check":
+        path = sqlite_path(url)
+        # Checked before make_engine, which would create the file (and its folder) on first connect.
+        if path is not None and not path.exists():
+            raise SchemaOutOfDateError(f"no database at {path}: run `dicom-ai-node db upgrade`")
+    engine = make_engine(url)
+    try:
+        if migrate == "upgrade":
+            before, after = upgrade_schema(engine)
+            if before != after:
+                log.info("database schema upgraded %s -> %s", before or "empty", after)
+        else:
+            check_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
 
 
 def build_scheduler(services: Services, completion_sweep: bool = True) -> BackgroundScheduler:
@@ -145,13 +152,45 @@ def _guarded(fn: Any, name: str) -> Any:
     return run
 
 
-def build_workers(services: Services, kinds: list[JobKind]) -> list[Worker]:
+def seed_rules(services: Services) -> int:
+    """First start only: the rules file becomes the database's first rule versions (audited).
+
+    Afterwards the database is the source of truth; `rules import FILE` brings YAML edits in as new
+    versions. A missing or broken file at first start seeds nothing and says why.
+    """
+    store = services.rules
+    if store.has_history():
+        return 0
+    path = services.settings.rules_file
+    if not path.is_file():
+        log.warning("no rules yet and no rules file at %s: nothing is routed until rules are added", path)
+        return 0
+    count = store.seed(load_rules(path), actor="system")
+    if count:
+        AuditLog(services.engine).record(
+            actor="system",
+            source="startup",
+            action="rule.seed",
+            target=str(path.name),
+            detail={"rules": count, "file": str(path)},
+        )
+        log.info("seeded %d routing rules from %s into the database", count, path)
+    return count
+
+
+def build_workers(
+    services: Services,
+    kinds: list[JobKind],
+    *,
+    inference: InferenceHost | None = None,
+    metrics: NodeMetrics | None = None,
+) -> list[Worker]:
     """One worker thread per job kind, so a slow inference never delays deliveries."""
     # One inference host per node: infer jobs run one at a time in its warm child process, so each
     # model is loaded once (not once per thread) and a hung model can be killed at the timeout.
-    inference = InferenceHost.from_settings(services.settings.models)
+    inference = inference or InferenceHost.from_settings(services.settings.models)
     ctx = StageContext(
-        services.settings, services.repo, services.queue, services.spool, inference, __version__
+        services.settings, services.repo, services.queue, services.spool, inference, __version__, metrics
     )
     handlers = {
         JobKind.INFER: lambda job: run_infer(job, ctx),
@@ -166,6 +205,7 @@ def build_workers(services: Services, kinds: list[JobKind]) -> list[Worker]:
             lease_s=w.lease_s,
             heartbeat_s=w.heartbeat_s,
             poll_interval_s=w.poll_interval_s,
+            metrics=metrics,
         )
         for kind in kinds
     ]

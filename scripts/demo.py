@@ -59,7 +59,7 @@ def main() -> int:
             print(f"[demo] results missing for {list(pending)}; node log tail:\n{node.log_tail()}")
             return 1
         print("\n[demo] results")
-        for job in sorted(node.get_json("/api/jobs"), key=lambda j: j["id"]):
+        for job in sorted(node.jobs(), key=lambda j: j["id"]):
             if job["kind"] == "infer" and job["result"]:
                 r = job["result"]
                 timings = ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items())
@@ -72,7 +72,10 @@ def main() -> int:
             study_id = orthanc.find_study(series.study_instance_uid)
             print(f"  {name}: {orthanc.http_url}/app/explorer.html#study?uuid={study_id}")
         print(f"  Orthanc DICOMweb: {orthanc.dicomweb_url}/   (OHIF or any DICOMweb viewer)")
-        print(f"  admin page:       {node.http_url}/")
+        print(f"  admin page:       {node.http_url}/  (no account exists by default; create yours with")
+        print(
+            f"                    .venv/bin/dicom-ai-node users add NAME --role admin -c {node.config_path})"
+        )
         if args.exit:
             return 0
         print("\n[demo] running; press Ctrl-C to stop Orthanc and the node")

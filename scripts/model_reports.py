@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    from dicom_ai_node.evaluate import evaluate
+    from dicom_ai_node.evaluate.run import evaluate
 
     with tempfile.TemporaryDirectory(prefix="ainode-validation-") as tmp:
         built: dict[str, Path] = {}

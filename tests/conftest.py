@@ -48,7 +48,7 @@ def running_scp(node_settings: NodeSettings) -> Iterator[object]:
     from dicom_ai_node.node import build_services
     from dicom_ai_node.receive.scp import StorageSCP
 
-    services = build_services(node_settings)
+    services = build_services(node_settings, migrate="upgrade")
     scp = StorageSCP(node_settings, services.spool, services.repo)
     scp.start()
     scp.services = services  # type: ignore[attr-defined]

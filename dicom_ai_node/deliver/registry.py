@@ -10,12 +10,18 @@ from typing import Protocol
 from dicom_ai_node.config import Destination
 from dicom_ai_node.deliver import dimse, stowrs
 from dicom_ai_node.deliver.dimse import DicomPeer, StoreReport
+from dicom_ai_node.errors import PermanentDeliveryError
 
 
 class Deliverer(Protocol):
     def send(self, paths: Sequence[Path]) -> StoreReport: ...
 
     def held(self, study_instance_uid: str, series_instance_uid: str) -> set[str]: ...
+
+    def probe(self) -> str:
+        """Check the destination answers (C-ECHO / a QIDO-RS query); returns what it said, raises
+        DeliveryError when it does not answer or refuses."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,12 @@ class DimseDeliverer:
     def held(self, study_instance_uid: str, series_instance_uid: str) -> set[str]:
         return dimse.find_sop_instances(self.peer, study_instance_uid, series_instance_uid)
 
+    def probe(self) -> str:
+        status = dimse.echo(self.peer)
+        if status != 0:
+            raise PermanentDeliveryError(f"C-ECHO {self.peer.ae_title}: status 0x{status:04X}")
+        return f"C-ECHO {self.peer.ae_title}@{self.peer.host}:{self.peer.port}: status 0x0000"
+
 
 @dataclass(frozen=True)
 class DicomwebDeliverer:
@@ -39,6 +51,9 @@ class DicomwebDeliverer:
 
     def held(self, study_instance_uid: str, series_instance_uid: str) -> set[str]:
         return stowrs.find_sop_instances(self.url, study_instance_uid, series_instance_uid, self.timeout_s)
+
+    def probe(self) -> str:
+        return stowrs.probe(self.url, self.timeout_s)
 
 
 def deliverer_for(destination: Destination, node_ae_title: str) -> Deliverer:

@@ -88,3 +88,15 @@ def find_sop_instances(
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise TransientDeliveryError(f"cannot reach DICOMweb service {url}: {type(exc).__name__}") from exc
     return {str(item["00080018"]["Value"][0]) for item in found if "00080018" in item}
+
+
+def probe(url: str, timeout_s: float = 10) -> str:
+    """QIDO-RS for one study: proves the service answers DICOMweb queries (no PHI is read or kept)."""
+    client = _client(url, timeout_s)
+    try:
+        found = client.search_for_studies(limit=1, fields=["0020000D"])
+    except requests.HTTPError as exc:
+        raise _classify_http(exc, url) from exc
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise TransientDeliveryError(f"cannot reach DICOMweb service {url}: {type(exc).__name__}") from exc
+    return f"QIDO-RS {url}/studies answered ({len(found)} study shown of limit 1)"

@@ -18,6 +18,7 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # failed one attempt, waiting for its retry (scheduled_at in the future)
     DEAD = "dead"  # exhausted or permanent failure: dead letter, re-playable by an admin
+    CANCELLED = "cancelled"  # stopped by an operator before it ran (or while waiting for a retry)
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,11 @@ class RetryPolicy:
         ceiling = min(self.cap_s, self.base_s * 2.0 ** max(0, attempt - 1))
         r = float((rng or random).random())
         return ceiling / 2 + r * ceiling / 2
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Waiting work of one job kind: jobs queued or waiting for a retry, and how old the oldest is."""
+
+    depth: int
+    oldest_age_s: float

@@ -16,8 +16,9 @@ route series that lack the attribute). ``present`` is the explicit way to test f
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -226,12 +227,178 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
         raise RuleError(f"{source}: invalid rule at '{loc}': {first['msg']}") from exc
 
 
-def load_rules(path: Any) -> RuleSet:
+# -- YAML text, diffs and field errors (the admin page's editor and the rules import/export) ------------
+
+# Condition options left out of the YAML text when they have their default value, so that each condition
+# reads like the hand-written rules.yaml: {attribute: Modality, equals: MR}.
+_CONDITION_DEFAULTS = {"case_sensitive": False, "if_missing": "no_match"}
+
+
+class _FlowDict(dict[str, Any]):
+    """A mapping written on one line (a condition): one changed condition is one changed diff line."""
+
+
+class _FlowList(list[Any]):
+    """A list written on one line (destinations, `in` values)."""
+
+
+class _RuleDumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no type hints
+    pass
+
+
+_RuleDumper.add_representer(
+    _FlowDict, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v, flow_style=True)
+)
+_RuleDumper.add_representer(
+    _FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True)
+)
+
+
+def _rule_data(rule: Rule) -> dict[str, Any]:
+    data = rule.model_dump(mode="json", by_alias=True, exclude_none=True)
+    conditions = []
+    for cond in data["conditions"]:
+        kept = {k: v for k, v in cond.items() if _CONDITION_DEFAULTS.get(k, object()) != v}
+        conditions.append(_FlowDict({k: _FlowList(v) if isinstance(v, list) else v for k, v in kept.items()}))
+    data["conditions"] = conditions
+    data["action"]["destinations"] = _FlowList(data["action"]["destinations"])
+    return data
+
+
+def _dump(data: Any) -> str:
+    # A wide line limit keeps long regexes on their condition's line (stable diffs).
+    return str(yaml.dump(data, Dumper=_RuleDumper, sort_keys=False, allow_unicode=True, width=4096))
+
+
+def rule_to_yaml(rule: Rule) -> str:
+    """One rule as YAML text in field order (id, version, description, enabled, conditions, action)."""
+    return _dump(_rule_data(rule))
+
+
+def ruleset_to_yaml(ruleset: RuleSet) -> str:
+    """A rules file: ``parse_rules(yaml.safe_load(text))`` gives `ruleset` back."""
+    return _dump({"rules": [_rule_data(r) for r in ruleset.rules]})
+
+
+def rule_diff(old: Rule | None, new: Rule | None, old_label: str, new_label: str) -> str:
+    """Unified diff of two rules' YAML texts ("" when equal); None stands for "no rule" (create/delete)."""
+    old_lines = rule_to_yaml(old).splitlines(keepends=True) if old is not None else []
+    new_lines = rule_to_yaml(new).splitlines(keepends=True) if new is not None else []
+    return "".join(difflib.unified_diff(old_lines, new_lines, fromfile=old_label, tofile=new_label))
+
+
+def same_rule_content(a: Rule, b: Rule) -> bool:
+    """True when the rules differ at most in their version number."""
+    return a.model_dump(exclude={"version"}) == b.model_dump(exclude={"version"})
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with a rule, at its place in the rule's data: ("conditions", 1, "attribute")."""
+
+    loc: tuple[str | int, ...]
+    msg: str
+
+
+def rule_field_errors(
+    data: Any, models: Collection[str] | None = None, destinations: Collection[str] | None = None
+) -> list[FieldError]:
+    """Every problem with one rule's data (as parsed from JSON/YAML), each at its field path.
+
+    Unknown models and destinations are reported (at ``("action", "model")`` and
+    ``("action", "destinations", i)``) when the respective names are given. An empty list: the rule is valid.
+    """
+    errors: list[FieldError] = []
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as exc:
-        raise RuleError(f"cannot read rules file {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise RuleError(f"{path} is not valid YAML: {exc}") from exc
-    return parse_rules(data, str(path))
+        Rule.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(_field_errors(exc, data))
+    errors.extend(_reference_errors(data, models, destinations))
+    return _merged(errors)
+
+
+def ruleset_field_errors(
+    data: Any, models: Collection[str] | None = None, destinations: Collection[str] | None = None
+) -> list[FieldError]:
+    """Like `rule_field_errors` for a whole rules file; locations start with ("rules", i)."""
+    errors: list[FieldError] = []
+    try:
+        RuleSet.model_validate(data or {})
+    except ValidationError as exc:
+        # The set-level duplicate check is reported below at each repeated id instead.
+        errors.extend(e for e in _field_errors(exc, data or {}) if e.loc != ())
+    if isinstance(data, Mapping) and isinstance(data.get("rules"), list):
+        seen: set[str] = set()
+        for i, rule_data in enumerate(data["rules"]):
+            rule_id = rule_data.get("id") if isinstance(rule_data, Mapping) else None
+            if isinstance(rule_id, str):
+                if rule_id in seen:
+                    errors.append(FieldError(("rules", i, "id"), f"duplicate rule id {rule_id!r}"))
+                seen.add(rule_id)
+            for err in _reference_errors(rule_data, models, destinations):
+                errors.append(FieldError(("rules", i, *err.loc), err.msg))
+    return _merged(errors)
+
+
+def _field_errors(exc: ValidationError, data: Any) -> list[FieldError]:
+    return [FieldError(_data_loc(err["loc"], data), _clean_msg(err["msg"])) for err in exc.errors()]
+
+
+def _clean_msg(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+def _data_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
+    """Pydantic's error location cut to the path that exists in the data.
+
+    Pydantic appends union member names (("equals", "str")) and markers ("[key]") that are not places in
+    the rule; a missing field keeps its own name as the last part. The `in` operator is named "in" even
+    when the data spelled it "in_".
+    """
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        key: str | int = "in" if part == "in_" else part
+        if isinstance(node, Mapping) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif i == len(loc) - 1 and isinstance(node, Mapping) and isinstance(part, str):
+            out.append(key)  # a missing field
+            break
+        else:
+            break
+        out.append(key)
+    return tuple(out)
+
+
+def _reference_errors(
+    data: Any, models: Collection[str] | None, destinations: Collection[str] | None
+) -> list[FieldError]:
+    action = data.get("action") if isinstance(data, Mapping) else None
+    if not isinstance(action, Mapping):
+        return []
+    errors = []
+    model = action.get("model")
+    if models is not None and isinstance(model, str) and model not in models:
+        known = ", ".join(sorted(models)) or "none"
+        errors.append(FieldError(("action", "model"), f"unknown model {model!r}; known models: {known}"))
+    dests = action.get("destinations")
+    if destinations is not None and isinstance(dests, list):
+        known = ", ".join(sorted(destinations)) or "none"
+        for i, dest in enumerate(dests):
+            if isinstance(dest, str) and dest not in destinations:
+                errors.append(
+                    FieldError(("action", "destinations", i), f"unknown destination {dest!r}; known: {known}")
+                )
+    return errors
+
+
+def _merged(errors: list[FieldError]) -> list[FieldError]:
+    """One error per location (a union failure yields one message per member type)."""
+    by_loc: dict[tuple[str | int, ...], list[str]] = {}
+    for err in errors:
+        msgs = by_loc.setdefault(err.loc, [])
+        if err.msg not in msgs:
+            msgs.append(err.msg)
+    return [FieldError(loc, "; ".join(msgs)) for loc, msgs in by_loc.items()]

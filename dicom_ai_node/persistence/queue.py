@@ -1,7 +1,7 @@
 """The durable job queue (DESIGN.md, "Queue and persistence").
 
-States: queued -> running -> succeeded | failed (retry scheduled with backoff) | dead (dead letter).
-A failed job is runnable again once its ``scheduled_at`` has passed. A running job holds a lease that its
+States: queued -> running -> succeeded | failed (retry scheduled with backoff) | dead (dead letter); an
+operator may cancel a queued or failed job (cancelled, finished). A failed job is runnable again once its ``scheduled_at`` has passed. A running job holds a lease that its
 worker renews with `heartbeat`; `recover_stalled` returns jobs whose worker stopped heartbeating.
 
 Claiming: PostgreSQL uses ``SELECT ... FOR UPDATE SKIP LOCKED`` so workers never wait on each other's
@@ -20,10 +20,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dicom_ai_node.domain.jobs import JobKind, JobStatus, RetryPolicy
+from dicom_ai_node.domain.jobs import JobKind, JobStatus, QueueStats, RetryPolicy
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
-from dicom_ai_node.persistence.tables import UtcDateTime, jobs
+from dicom_ai_node.persistence.tables import UtcDateTime, jobs, series
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ _RUNNABLE = (JobStatus.QUEUED.value, JobStatus.FAILED.value)
 # A claim loses a lock-key race only when another worker claimed a job with the same key at the same
 # moment; the next attempt sees that job running and skips the key.
 _CLAIM_RACE_RETRIES = 5
+# Copied from the payload key of the same name into a column at enqueue, so jobs can be filtered in SQL.
+_PAYLOAD_COLUMNS = ("series_instance_uid", "rule_id", "model", "destination")
+_PAYLOAD_COLUMN_CHARS = 64
 
 
 class LeaseLostError(NodeError):
@@ -64,6 +67,27 @@ class Job:
     heartbeat_at: datetime | None
     last_error: str | None
     result: dict[str, Any] | None
+    series_instance_uid: str | None = None
+    rule_id: str | None = None
+    model: str | None = None
+    destination: str | None = None
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs to list or count; every field given must match (None: any)."""
+
+    status: JobStatus | None = None
+    kind: JobKind | None = None
+    # The job's series' modality (jobs without a series row never match).
+    modality: str | None = None
+    rule_id: str | None = None
+    model: str | None = None
+    destination: str | None = None
+    series_instance_uid: str | None = None
+    # On created_at: since <= created_at < until.
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 class JobQueue:
@@ -107,6 +131,7 @@ class JobQueue:
             max_attempts=max_attempts if max_attempts is not None else self._policy.max_attempts,
             dedupe_key=dedupe_key,
             lock_key=lock_key,
+            **_payload_columns(payload),
         )
         if dedupe_key is not None:
             # Race-safe: the unique constraint decides; the loser reads the winner's id.
@@ -284,14 +309,14 @@ class JobQueue:
             return conn.execute(stmt).rowcount == 1
 
     def rerun(self, job_id: int) -> int | None:
-        """Admin re-run of a finished (SUCCEEDED or DEAD) job: a new job with the same kind and payload.
+        """Admin re-run of a finished (SUCCEEDED, DEAD or CANCELLED) job: a new job with the same kind and payload.
 
         The original stays as it was (its history is the audit trail). Results use deterministic UIDs,
         so re-running an infer job replaces its objects in the PACS instead of adding a result series.
         Returns the new job's id, or None when the job does not exist or has not finished.
         """
         job = self.get(job_id)
-        if job is None or job.status not in (JobStatus.SUCCEEDED, JobStatus.DEAD):
+        if job is None or job.status not in (JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED):
             return None
         return self.enqueue(
             job.kind,
@@ -307,17 +332,80 @@ class JobQueue:
         return _job(row) if row is not None else None
 
     def list_jobs(
-        self, status: JobStatus | None = None, kind: JobKind | None = None, limit: int = 100
+        self,
+        status: JobStatus | None = None,
+        kind: JobKind | None = None,
+        limit: int = 100,
+        *,
+        filter: JobFilter | None = None,
+        offset: int = 0,
     ) -> list[Job]:
-        """Newest first."""
-        stmt = sa.select(jobs)
-        if status is not None:
-            stmt = stmt.where(jobs.c.status == JobStatus(status).value)
-        if kind is not None:
-            stmt = stmt.where(jobs.c.kind == JobKind(kind).value)
-        stmt = stmt.order_by(jobs.c.id.desc()).limit(limit)
+        """Newest first; `status` and `kind` narrow `filter` further (older call sites pass only those)."""
+        stmt = sa.select(jobs).where(*_conditions(filter or JobFilter(status=status, kind=kind)))
+        if filter is not None:
+            if status is not None:
+                stmt = stmt.where(jobs.c.status == JobStatus(status).value)
+            if kind is not None:
+                stmt = stmt.where(jobs.c.kind == JobKind(kind).value)
+        stmt = stmt.order_by(jobs.c.id.desc()).limit(limit).offset(offset)
         with self._engine.connect() as conn:
             return [_job(row) for row in conn.execute(stmt).mappings()]
+
+    def count_jobs(self, filter: JobFilter | None = None) -> int:
+        stmt = sa.select(sa.func.count()).select_from(jobs).where(*_conditions(filter or JobFilter()))
+        with self._engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def cancel(self, job_id: int) -> bool:
+        """Operator cancel: a QUEUED or FAILED job becomes CANCELLED (finished); False for any other state.
+
+        A running job is not interrupted (its worker would not notice); cancel it after it fails, or let
+        it finish.
+        """
+        now = self._clock()
+        stmt = (
+            sa.update(jobs)
+            .where(jobs.c.id == job_id, jobs.c.status.in_(_RUNNABLE))
+            .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now)
+        )
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def stats(self) -> dict[str, QueueStats]:
+        """Per job kind (every kind present): jobs waiting to run (queued or failed awaiting a retry)
+        and the age of the oldest of them by created_at (0 when none), for metrics."""
+        now = self._clock()
+        stmt = (
+            sa.select(jobs.c.kind, sa.func.count(), sa.func.min(jobs.c.created_at))
+            .where(jobs.c.status.in_(_RUNNABLE))
+            .group_by(jobs.c.kind)
+        )
+        stats = {k.value: QueueStats(depth=0, oldest_age_s=0.0) for k in JobKind}
+        with self._engine.connect() as conn:
+            for kind, depth, oldest in conn.execute(stmt):
+                # min() over a TypeDecorator column comes back through UtcDateTime on both engines.
+                age = max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+                stats[str(kind)] = QueueStats(depth=int(depth), oldest_age_s=age)
+        return stats
+
+    def children(self, infer_job_id: int) -> list[Job]:
+        """The deliver jobs an infer job enqueued (oldest first), found by its series and then by the
+        payload's infer_job_id (the series column keeps the candidate set small)."""
+        parent = self.get(infer_job_id)
+        if parent is None or parent.series_instance_uid is None:
+            return []
+        stmt = (
+            sa.select(jobs)
+            .where(
+                jobs.c.kind == JobKind.DELIVER.value,
+                jobs.c.series_instance_uid == parent.series_instance_uid,
+                jobs.c.id > infer_job_id,
+            )
+            .order_by(jobs.c.id)
+        )
+        with self._engine.connect() as conn:
+            found = [_job(row) for row in conn.execute(stmt).mappings()]
+        return [j for j in found if j.payload.get("infer_job_id") == infer_job_id]
 
     def counts(self) -> dict[str, int]:
         """Jobs per 'kind/status' (e.g. 'infer/queued'), every known pair present, for metrics."""
@@ -335,6 +423,38 @@ def _owned(job_id: int, worker_id: str) -> tuple[sa.ColumnElement[bool], ...]:
         jobs.c.status == JobStatus.RUNNING.value,
         jobs.c.worker_id == worker_id,
     )
+
+
+def _conditions(f: JobFilter) -> list[sa.ColumnElement[bool]]:
+    conditions: list[sa.ColumnElement[bool]] = []
+    if f.status is not None:
+        conditions.append(jobs.c.status == JobStatus(f.status).value)
+    if f.kind is not None:
+        conditions.append(jobs.c.kind == JobKind(f.kind).value)
+    for name in _PAYLOAD_COLUMNS:
+        value = getattr(f, name)
+        if value is not None:
+            conditions.append(jobs.c[name] == value)
+    if f.modality is not None:
+        conditions.append(
+            sa.exists().where(
+                series.c.series_instance_uid == jobs.c.series_instance_uid, series.c.modality == f.modality
+            )
+        )
+    if f.since is not None:
+        conditions.append(jobs.c.created_at >= f.since)
+    if f.until is not None:
+        conditions.append(jobs.c.created_at < f.until)
+    return conditions
+
+
+def _payload_columns(payload: dict[str, Any]) -> dict[str, str | None]:
+    values: dict[str, str | None] = {}
+    for name in _PAYLOAD_COLUMNS:
+        value = payload.get(name)
+        ok = value is not None and not isinstance(value, dict | list)
+        values[name] = str(value)[:_PAYLOAD_COLUMN_CHARS] if ok else None
+    return values
 
 
 def _truncate(error: str) -> str:

@@ -331,13 +331,23 @@ class SeriesRepository:
         rows = self._series_rows(sa.select(series).where(series.c.series_instance_uid == series_instance_uid))
         return rows[0] if rows else None
 
-    def list_series(self, limit: int = 100, status: SeriesStatus | str | None = None) -> list[SeriesRow]:
+    def list_series(
+        self,
+        limit: int = 100,
+        status: SeriesStatus | str | None = None,
+        *,
+        modality: str | None = None,
+        offset: int = 0,
+    ) -> list[SeriesRow]:
         """Most recently active series first."""
-        stmt = sa.select(series)
-        if status is not None:
-            stmt = stmt.where(series.c.status == SeriesStatus(status).value)
-        stmt = stmt.order_by(series.c.last_received_at.desc(), series.c.series_instance_uid).limit(limit)
-        return self._series_rows(stmt)
+        stmt = sa.select(series).where(*_series_filter(status, modality))
+        stmt = stmt.order_by(series.c.last_received_at.desc(), series.c.series_instance_uid)
+        return self._series_rows(stmt.limit(limit).offset(offset))
+
+    def count_series(self, status: SeriesStatus | str | None = None, *, modality: str | None = None) -> int:
+        stmt = sa.select(sa.func.count()).select_from(series).where(*_series_filter(status, modality))
+        with self._engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def instances_of_series(self, series_instance_uid: str) -> list[InstanceRow]:
         stmt = (
@@ -407,6 +417,15 @@ class SeriesRepository:
         with self._engine.connect() as conn:
             rows = conn.execute(stmt.order_by(results.c.id)).mappings()
             return [ResultRow(**row) for row in rows]
+
+
+def _series_filter(status: SeriesStatus | str | None, modality: str | None) -> list[sa.ColumnElement[bool]]:
+    where: list[sa.ColumnElement[bool]] = []
+    if status is not None:
+        where.append(series.c.status == SeriesStatus(status).value)
+    if modality is not None:
+        where.append(series.c.modality == modality)
+    return where
 
 
 def _series_row(row: sa.RowMapping) -> SeriesRow:

@@ -120,6 +120,11 @@ jobs = sa.Table(
     sa.Column("heartbeat_at", UtcDateTime, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("result", sa.Text, nullable=True),
+    # Copied from the payload at enqueue (no PHI) so the admin page can filter jobs without parsing JSON.
+    sa.Column("series_instance_uid", sa.String(64), nullable=True, index=True),
+    sa.Column("rule_id", sa.String(64), nullable=True),
+    sa.Column("model", sa.String(64), nullable=True),
+    sa.Column("destination", sa.String(64), nullable=True),
     sa.Index("ix_jobs_status_kind_scheduled_at", "status", "kind", "scheduled_at"),
     # The database itself guarantees at most one running job per lock key (e.g. per study): a claim that
     # races another one for the same key fails with an IntegrityError instead of running both.
@@ -146,4 +151,105 @@ results = sa.Table(
     sa.Column("study_instance_uid", sa.String(64), nullable=False),
     sa.Column("spool_path", sa.String(512), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+# -- control plane (admin issue): accounts, sessions, API tokens, audit, versioned routing rules ----------
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    # admin | operator | viewer (domain.auth.Role)
+    sa.Column("role", sa.String(16), nullable=False),
+    # argon2id PHC string; never a plain or fast hash.
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Column("last_login_at", UtcDateTime, nullable=True),
+)
+
+# Browser sessions live in the database so every node process behind a load balancer knows them.
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    # sha256 of the cookie value: a leaked database does not hand out live sessions.
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column(
+        "user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("source", sa.String(64), nullable=False, server_default=""),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+)
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    sa.Column("name", sa.String(64), nullable=False),
+    # A token acts with this role, never more than its user's.
+    sa.Column("role", sa.String(16), nullable=False),
+    # sha256 of the secret (a 256-bit random secret needs no slow hash); the secret is shown once.
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    # The first characters of the secret, so admins can tell tokens apart.
+    sa.Column("token_prefix", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=True),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+)
+
+# Append-only (triggers refuse UPDATE and DELETE on both engines; see the migration). No PHI: actors are
+# user names, targets are rule ids, job ids, user names and UIDs.
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime, nullable=False, index=True),
+    sa.Column("actor", sa.String(64), nullable=False),
+    # Client IP address, or "cli" for the command line.
+    sa.Column("source", sa.String(64), nullable=False, server_default=""),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(255), nullable=False, server_default=""),
+    # ok | denied | failed
+    sa.Column("outcome", sa.String(16), nullable=False),
+    # JSON object (e.g. a rule diff, a comment, a reason).
+    sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
+    sa.Index("ix_audit_events_action_at", "action", "at"),
+)
+
+# The current state of each routing rule; its content is the rule_versions row at current_version.
+rules = sa.Table(
+    "rules",
+    metadata,
+    sa.Column("rule_id", sa.String(64), primary_key=True),
+    sa.Column("current_version", sa.Integer, nullable=False),
+    # A deleted rule keeps its history; saving the id again continues it.
+    sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# Every save of a rule, never changed afterwards: who, when, why, and the whole rule as it was.
+rule_versions = sa.Table(
+    "rule_versions",
+    metadata,
+    # Grows with every save anywhere: one cheap max(id) tells a node process its rule set is stale.
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rule_id", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    # The rule as JSON (domain.rules.Rule, with this version number).
+    sa.Column("spec", sa.Text, nullable=False),
+    # seed | create | update | rollback | delete | import
+    sa.Column("change", sa.String(16), nullable=False),
+    sa.Column("comment", sa.Text, nullable=False, server_default=""),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("rule_id", "version"),
 )

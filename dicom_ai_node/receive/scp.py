@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.dimse_socket import set_tcp_nodelay
 from dicom_ai_node.errors import InvalidDicomError, StorageError
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.repository import InstanceRecord, SeriesRepository
 from dicom_ai_node.receive.allowlist import PeerAllowList
 from dicom_ai_node.receive.conformance import (
@@ -37,12 +38,16 @@ from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
+# What pynetdicom answers when a C-STORE handler raises: counted as the peer sees it.
+_STATUS_HANDLER_RAISED = 0xC211
+
 
 @dataclass
 class StoreContext:
     spool: Spool
     repo: SeriesRepository
     reserve_bytes: int
+    metrics: NodeMetrics | None = None
 
 
 def handle_requested(event: Event, allow_list: PeerAllowList) -> None:
@@ -66,18 +71,31 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, ctx: StoreContext) -> int:
     """Persist one instance durably, then answer; map every failure to a named DIMSE status."""
+    try:
+        status, size = _store(event, ctx)
+    except Exception:
+        if ctx.metrics is not None:
+            ctx.metrics.observe_store(_STATUS_HANDLER_RAISED, 0)
+        raise
+    if ctx.metrics is not None:
+        ctx.metrics.observe_store(status, size)
+    return status
+
+
+def _store(event: Event, ctx: StoreContext) -> tuple[int, int]:
+    """(DIMSE status, bytes of the instance when answered Success else 0)."""
     calling_ae = str(event.assoc.requestor.ae_title).strip()
     sop_instance_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
     if not ctx.spool.has_space(ctx.reserve_bytes):
         log.error("refusing SOP %s from %s: spool disk under its reserve", sop_instance_uid, calling_ae)
-        return STATUS_OUT_OF_RESOURCES
+        return STATUS_OUT_OF_RESOURCES, 0
     tmp_path = Path(event.dataset_path)
     try:
         uids, attrs, transfer_syntax = read_header(tmp_path)
     except InvalidDicomError as exc:
         status = STATUS_DATASET_DOES_NOT_MATCH if str(exc).startswith("missing") else STATUS_CANNOT_UNDERSTAND
         log.warning("rejected SOP %s from %s with 0x%04X: %s", sop_instance_uid, calling_ae, status, exc)
-        return status
+        return status, 0
     if uids["SOPInstanceUID"] != sop_instance_uid:
         log.warning(
             "SOP %s from %s: dataset says SOPInstanceUID %s; storing under the dataset's",
@@ -90,7 +108,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         spool_path = ctx.spool.commit_file(tmp_path)
     except StorageError as exc:
         log.error("cannot spool SOP %s from %s: %s", sop_instance_uid, calling_ae, exc)
-        return STATUS_OUT_OF_RESOURCES
+        return STATUS_OUT_OF_RESOURCES, 0
     record = InstanceRecord(
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=uids["SOPClassUID"],
@@ -112,12 +130,12 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         log.error(
             "database error storing SOP %s from %s: %s", sop_instance_uid, calling_ae, type(exc).__name__
         )
-        return STATUS_OUT_OF_RESOURCES
+        return STATUS_OUT_OF_RESOURCES, 0
     if not is_new:
         # Duplicates are stored once (as Orthanc does) and still answered Success.
         ctx.spool.remove(spool_path)
         log.info("duplicate SOP %s from %s kept once", sop_instance_uid, calling_ae)
-    return STATUS_SUCCESS
+    return STATUS_SUCCESS, size
 
 
 def build_storage_ae(settings: NodeSettings) -> AE:
@@ -136,9 +154,15 @@ def build_storage_ae(settings: NodeSettings) -> AE:
 class StorageSCP:
     """The running SCP; `start()` returns at once (pynetdicom serves in its own threads)."""
 
-    def __init__(self, settings: NodeSettings, spool: Spool, repo: SeriesRepository) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        repo: SeriesRepository,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.settings = settings
-        self.ctx = StoreContext(spool, repo, settings.disk_reserve_mb * 1024 * 1024)
+        self.ctx = StoreContext(spool, repo, settings.disk_reserve_mb * 1024 * 1024, metrics)
         self.allow_list = PeerAllowList(settings.dicom.allowed_peers, settings.dicom.allow_any_peer)
         self.ae = build_storage_ae(settings)
         self._server: Any = None

@@ -17,6 +17,7 @@ from typing import Any
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import PermanentError, TransientError
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.queue import Job, JobQueue, LeaseLostError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class Worker:
         heartbeat_s: float,
         poll_interval_s: float,
         worker_id: str | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.handlers = dict(handlers)
@@ -65,6 +67,7 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.poll_interval_s = poll_interval_s
         self.worker_id = worker_id or new_worker_id("+".join(k.value for k in self.kinds))
+        self.metrics = metrics
 
     def run_one(self) -> Job | None:
         """Claim and run at most one job; return it (None when nothing was runnable)."""
@@ -89,6 +92,8 @@ class Worker:
                 except LeaseLostError:
                     # Recovered by another process meanwhile; its re-run writes the same deterministic UIDs.
                     log.warning("job %d finished after its lease was lost; the re-run will redo it", job.id)
+                else:
+                    self._finished(job, JobStatus.SUCCEEDED)
         finally:
             beat.stop_event.set()
             beat.join()
@@ -101,6 +106,7 @@ class Worker:
         except LeaseLostError:
             log.warning("job %d failed after its lease was lost: %s", job.id, message)
             return
+        self._finished(job, status)
         level = logging.ERROR if status == JobStatus.DEAD else logging.WARNING
         log.log(
             level,
@@ -111,6 +117,11 @@ class Worker:
             status.value,
             message,
         )
+
+    def _finished(self, job: Job, status: JobStatus) -> None:
+        # Only outcomes this worker committed: a lost lease is counted by whoever finishes the re-run.
+        if self.metrics is not None:
+            self.metrics.observe_job_finished(job.kind.value, status.value)
 
     def run_forever(self, stop: threading.Event) -> None:
         log.info("worker %s started for %s", self.worker_id, [k.value for k in self.kinds])

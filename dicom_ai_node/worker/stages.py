@@ -13,19 +13,23 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_ai_node.config import NodeSettings
-from dicom_ai_node.deliver.registry import deliverer_for
+from dicom_ai_node.deliver.dimse import StoreReport
+from dicom_ai_node.deliver.registry import Deliverer, deliverer_for
 from dicom_ai_node.domain.jobs import JobKind
 from dicom_ai_node.domain.results import RuleIdentity
 from dicom_ai_node.encode.measure import measure
 from dicom_ai_node.errors import InferenceError, PermanentDeliveryError, TransientDeliveryError
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.volume import load_series, voxel_volume_mm3
+from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.queue import Job, JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository, SeriesStatus
 from dicom_ai_node.store.spool import Spool
@@ -51,6 +55,7 @@ class StageContext:
     spool: Spool
     inference: InferenceHost
     software_version: str
+    metrics: NodeMetrics | None = None
 
 
 def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
@@ -69,11 +74,13 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         raise InferenceError(f"series {series_uid} has no stored instances")
     volume = load_series([ctx.spool.path(i.spool_path) for i in instances])
     timings["load_s"] = time.perf_counter() - t0
+    _observe_stage(ctx, "load", p["model"], timings["load_s"])
 
     t = time.perf_counter()
     # The model runs in the inference host's child process (warm between jobs, killed at the timeout).
     result = ctx.inference.run(p["model"], volume)
     timings["infer_s"] = time.perf_counter() - t
+    _observe_stage(ctx, "infer", p["model"], timings["infer_s"])
 
     t = time.perf_counter()
     # Same series + model version + rule version + generation -> the same UIDs: a re-run job replaces
@@ -142,6 +149,7 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
         summary = {"volumes_cm3": volumes}
         found_text = str(volumes or "nothing found")
     timings["encode_s"] = time.perf_counter() - t
+    _observe_stage(ctx, "encode", p["model"], timings["encode_s"])
 
     for name, (files, fallback_files) in deliveries.items():
         ctx.queue.enqueue(
@@ -196,36 +204,18 @@ def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
             "with their series' images): send the series again to make new results"
         )
     t0 = time.perf_counter()
-    fallback = False
     try:
-        report = deliverer.send(paths)
-    except PermanentDeliveryError as exc:
-        if not job.payload.get("fallback_files"):
-            raise
-        # The PACS refused the opt-in encoding (unknown SOP class or transfer syntax): send the plain
-        # BINARY SEG (and its SR) that every SEG reader accepts.
-        log.warning(
-            "deliver job %d: %s refused the LABELMAP SEG (%s); sending plain BINARY", job.id, dest.name, exc
-        )
-        paths = [ctx.spool.path(rel) for rel in job.payload["fallback_files"]]
-        report = deliverer.send(paths)
-        fallback = True
-    elapsed = time.perf_counter() - t0
-    verified = False
-    if dest.verify:
-        headers = [dcmread(p, stop_before_pixels=True, specific_tags=_UID_TAGS) for p in paths]
-        expected: dict[tuple[str, str], set[str]] = {}
-        for ds in headers:
-            key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
-            expected.setdefault(key, set()).add(str(ds.SOPInstanceUID))
-        for (study_uid, series_uid), sop_uids in expected.items():
-            missing = sop_uids - deliverer.held(study_uid, series_uid)
-            if missing:
-                raise TransientDeliveryError(
-                    f"read-back: {dest.name} does not hold {len(missing)} of the {len(sop_uids)} objects "
-                    f"sent in series {series_uid}"
-                )
-        verified = True
+        report, paths, fallback = _send(job, ctx, deliverer, dest.name, paths)
+        elapsed = time.perf_counter() - t0
+        verified = _verify(deliverer, dest.name, paths) if dest.verify else False
+    except Exception:
+        # Every failed attempt counts, whatever the error; the worker decides retry or dead letter.
+        if ctx.metrics is not None:
+            ctx.metrics.observe_delivery(dest.name, time.perf_counter() - t0, ok=False)
+        raise
+    if ctx.metrics is not None:
+        ctx.metrics.observe_delivery(dest.name, time.perf_counter() - t0, ok=True)
+        _observe_receive_to_delivered(ctx.metrics, ctx.repo, job.payload.get("series_instance_uid"))
     log.info(
         "deliver job %d: %d objects to %s in %.2f s%s",
         job.id,
@@ -242,6 +232,61 @@ def run_deliver(job: Job, ctx: StageContext) -> dict[str, Any]:
         "verified": verified,
         "fallback": fallback,
     }
+
+
+def _send(
+    job: Job, ctx: StageContext, deliverer: Deliverer, destination: str, paths: list[Path]
+) -> tuple[StoreReport, list[Path], bool]:
+    """Send the files -> (report, the paths sent, whether the plain BINARY fallback was sent)."""
+    try:
+        return deliverer.send(paths), paths, False
+    except PermanentDeliveryError as exc:
+        if not job.payload.get("fallback_files"):
+            raise
+        # The PACS refused the opt-in encoding (unknown SOP class or transfer syntax): send the plain
+        # BINARY SEG (and its SR) that every SEG reader accepts.
+        log.warning(
+            "deliver job %d: %s refused the LABELMAP SEG (%s); sending plain BINARY", job.id, destination, exc
+        )
+        paths = [ctx.spool.path(rel) for rel in job.payload["fallback_files"]]
+        return deliverer.send(paths), paths, True
+
+
+def _verify(deliverer: Deliverer, destination: str, paths: list[Path]) -> bool:
+    """Read back that the destination holds every object sent; a missing one is transient (re-sent)."""
+    headers = [dcmread(p, stop_before_pixels=True, specific_tags=_UID_TAGS) for p in paths]
+    expected: dict[tuple[str, str], set[str]] = {}
+    for ds in headers:
+        key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+        expected.setdefault(key, set()).add(str(ds.SOPInstanceUID))
+    for (study_uid, series_uid), sop_uids in expected.items():
+        missing = sop_uids - deliverer.held(study_uid, series_uid)
+        if missing:
+            raise TransientDeliveryError(
+                f"read-back: {destination} does not hold {len(missing)} of the {len(sop_uids)} objects "
+                f"sent in series {series_uid}"
+            )
+    return True
+
+
+def _observe_stage(ctx: StageContext, stage: str, model: str, seconds: float) -> None:
+    if ctx.metrics is not None:
+        ctx.metrics.observe_stage(stage, model, seconds)
+
+
+def _observe_receive_to_delivered(
+    metrics: NodeMetrics, repo: SeriesRepository, series_instance_uid: str | None
+) -> None:
+    """Series last received -> now (results delivered); a metrics read must never fail the delivery."""
+    if not series_instance_uid:
+        return
+    try:
+        row = repo.get_series(series_instance_uid)
+    except SQLAlchemyError as exc:
+        log.warning("metrics: series %s not read for receive-to-delivered: %s", series_instance_uid, exc)
+        return
+    if row is not None:
+        metrics.observe_receive_to_delivered((datetime.now(UTC) - row.last_received_at).total_seconds())
 
 
 _UID_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]

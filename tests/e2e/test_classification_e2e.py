@@ -61,13 +61,13 @@ def test_chest_cr_gets_a_classification_sr(tmp_path: Path) -> None:
         storescu([cr_path], orthanc.aet, orthanc.dicom_port)
 
         def delivered() -> dict | None:  # type: ignore[type-arg]
-            jobs = [j for j in node.get_json("/api/jobs") if j["kind"] == "deliver"]
+            jobs = [j for j in node.jobs() if j["kind"] == "deliver"]
             return jobs[0] if jobs and jobs[0]["status"] in ("succeeded", "dead") else None
 
         job = wait_for(delivered, 120, what="the SR delivery")
         assert job["status"] == "succeeded", job["last_error"]
         assert job["result"]["verified"] is True
-        infer = next(j for j in node.get_json("/api/jobs") if j["kind"] == "infer")
+        infer = next(j for j in node.jobs() if j["kind"] == "infer")
         assert infer["result"]["task"] == "classification"
 
         study = str(volume.datasets[0].StudyInstanceUID)

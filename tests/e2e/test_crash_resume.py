@@ -44,9 +44,7 @@ def test_kill9_during_inference_then_restart_delivers_exactly_once(tmp_path: Pat
             storescu(list(mr.paths), node.ae_title, node.dicom_port)
 
             def infer_running() -> bool:
-                return any(
-                    j["kind"] == "infer" and j["status"] == "running" for j in node.get_json("/api/jobs")
-                )
+                return any(j["kind"] == "infer" and j["status"] == "running" for j in node.jobs())
 
             _wait(infer_running, 120, "the infer job to start", node)
             node.kill9()  # no cleanup, no goodbye: the lease is left to expire
@@ -54,13 +52,13 @@ def test_kill9_during_inference_then_restart_delivers_exactly_once(tmp_path: Pat
             node.start()
 
             def all_done() -> bool:
-                jobs = node.get_json("/api/jobs")
+                jobs = node.jobs()
                 return len(jobs) >= 2 and all(j["status"] == "succeeded" for j in jobs)
 
             _wait(all_done, 240, "all jobs to succeed after the restart", node)
             series = node.get_json(f"/api/series/{mr.series_instance_uid}")
             assert series["instance_count"] == len(mr.paths)  # every acknowledged instance survived
-            infer = [j for j in node.get_json("/api/jobs") if j["kind"] == "infer"]
+            infer = [j for j in node.jobs() if j["kind"] == "infer"]
             # Claimed once before the kill, once more after its lease expired and it was re-queued.
             assert len(infer) == 1 and infer[0]["attempts"] == 2
         finally:

@@ -63,7 +63,7 @@ def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
         storescu(list(ct.paths), orthanc.aet, orthanc.dicom_port)
 
         def delivered() -> list[dict] | None:  # type: ignore[type-arg]
-            jobs = [j for j in node.get_json("/api/jobs") if j["kind"] == "deliver"]
+            jobs = [j for j in node.jobs() if j["kind"] == "deliver"]
             done = len(jobs) == 2 and all(j["status"] in ("succeeded", "dead") for j in jobs)
             return jobs if done else None
 

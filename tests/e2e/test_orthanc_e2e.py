@@ -81,8 +81,8 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         turnaround = time.monotonic() - t_sent
         # Give Orthanc's StableAge time to pass for the results, so a forwarding loop would show.
         time.sleep(4)
-        jobs = node.get_json("/api/jobs?limit=50")
-        node_series = node.get_json("/api/series")
+        jobs = node.jobs(limit=50)
+        node_series = node.get_json("/api/series?limit=100")["items"]
         yield {
             "mr": Outcome(mr, "mr-brain", **_paths(results[mr.study_instance_uid])),
             "ct": Outcome(ct, CT_MODEL, **_paths(results[ct.study_instance_uid])),

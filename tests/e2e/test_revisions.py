@@ -70,12 +70,11 @@ def test_rerun_is_idempotent_and_late_images_make_a_revision(tmp_path: Path) -> 
         first = wait_for(one_each, 180, what="the first SEG + SR in Orthanc")
 
         # 1. Re-run the finished infer job: same UIDs, so Orthanc still holds one SEG and one SR.
-        [infer] = [j for j in node.get_json("/api/jobs") if j["kind"] == "infer"]
-        req = f"{node.http_url}/api/jobs/{infer['id']}/rerun"
-        subprocess.run(["curl", "-fsS", "-X", "POST", req], check=True, capture_output=True)
+        [infer] = [j for j in node.jobs() if j["kind"] == "infer"]
+        node.post_json(f"/api/jobs/{infer['id']}/rerun")
 
         def rerun_done() -> bool:
-            jobs = node.get_json("/api/jobs")
+            jobs = node.jobs()
             return len(jobs) == 4 and all(j["status"] == "succeeded" for j in jobs)
 
         wait_for(rerun_done, 120, what="the re-run and its delivery")

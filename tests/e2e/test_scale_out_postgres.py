@@ -44,12 +44,12 @@ def test_receiver_and_separate_worker_on_postgresql(tmp_path: Path, postgres_dat
             storescu(list(ct.paths), node.ae_title, node.dicom_port)
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
-                jobs = node.get_json("/api/jobs")
+                jobs = node.jobs()
                 if len(jobs) == 2 and all(j["status"] == "succeeded" for j in jobs):
                     break
                 time.sleep(0.5)
             else:
-                pytest.fail(f"jobs did not finish: {node.get_json('/api/jobs')}\n{node.log_tail()}")
+                pytest.fail(f"jobs did not finish: {node.jobs()}\n{node.log_tail()}")
             # Both jobs ran in the worker process, not in the receiver.
             assert all(f":{worker.pid}:" in j["worker_id"] for j in jobs), [j["worker_id"] for j in jobs]
             assert node.get_json(f"/api/series/{ct.series_instance_uid}")["instance_count"] == len(ct.paths)

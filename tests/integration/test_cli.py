@@ -63,7 +63,7 @@ def test_jobs_list_and_retry(node_settings, tmp_path: Path) -> None:  # type: ig
 
     from dicom_ai_node.node import build_services
 
-    services = build_services(node_settings)
+    services = build_services(node_settings, migrate="upgrade")
     job_id = services.queue.enqueue(JobKind.DELIVER, {"destination": "pacs", "files": []})
     claimed = services.queue.claim("w1", [JobKind.DELIVER], 60)
     services.queue.fail(claimed.id, "w1", "PermanentDeliveryError: association rejected", permanent=True)

@@ -65,7 +65,7 @@ def _deliver_job(node_settings, tmp_path: Path, port: int, calling: str = "TESTS
         }
     )
     settings.worker.max_attempts = 3
-    services = build_services(settings)
+    services = build_services(settings, migrate="upgrade")
     src = write_ct_series(tmp_path / "res", n_slices=2)
     rels = [services.spool.commit_file(p, "results") for p in src]
     job_id = services.queue.enqueue(JobKind.DELIVER, {"destination": "pacs", "files": rels}, max_attempts=3)

@@ -28,9 +28,9 @@ from typer.testing import CliRunner
 from dicom_ai_node.domain.results import OutputIdentity, RuleIdentity, SegmentSpec
 from dicom_ai_node.encode import encode_seg, result_uids
 from dicom_ai_node.encode.seg import SegFormat
-from dicom_ai_node.evaluate import DatasetError, evaluate
 from dicom_ai_node.evaluate.cli import evaluate_command
-from dicom_ai_node.evaluate.reference import seg_reference
+from dicom_ai_node.evaluate.reference import DatasetError, seg_reference
+from dicom_ai_node.evaluate.run import evaluate
 from dicom_ai_node.infer.base import SegmentationModel
 from dicom_ai_node.infer.manifest import load_manifest, sha256_of
 from dicom_ai_node.infer.registry import ModelRegistry, build_model, default_registry

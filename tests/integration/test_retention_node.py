@@ -14,7 +14,7 @@ from tests.support.synthetic import write_ct_series
 
 
 def test_the_node_schedules_retention_unless_it_is_off(node_settings: NodeSettings) -> None:
-    services = build_services(node_settings)
+    services = build_services(node_settings, migrate="upgrade")
     job = build_scheduler(services).get_job("retention")
     assert job is not None and job.trigger.interval == timedelta(hours=1)  # defaults: 7 days, hourly
     off = build_services(
@@ -27,7 +27,7 @@ def test_the_node_schedules_retention_unless_it_is_off(node_settings: NodeSettin
 def test_infer_job_of_a_purged_series_says_to_send_it_again(
     node_settings: NodeSettings, tmp_path: Path
 ) -> None:
-    services = build_services(node_settings)
+    services = build_services(node_settings, migrate="upgrade")
     series_uid = "1.2.826.0.1.3680043.8.498.77"
     for n, path in enumerate(write_ct_series(tmp_path / "ct", n_slices=3)):
         relative = services.spool.commit_file(path)

@@ -116,7 +116,7 @@ def test_disk_under_reserve_refuses_with_a700(node_settings, tmp_path: Path) -> 
     from dicom_ai_node.receive.scp import StorageSCP
 
     settings = node_settings.model_copy(update={"disk_reserve_mb": 10**9})  # a petabyte reserve
-    services = build_services(settings)
+    services = build_services(settings, migrate="upgrade")
     scp = StorageSCP(settings, services.spool, services.repo)
     scp.start()
     try:

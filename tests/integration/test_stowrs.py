@@ -46,7 +46,7 @@ def test_deliver_job_to_a_dicomweb_destination_is_verified(
     settings = node_settings.model_copy(
         update={"destinations": [Destination(name="web", type="dicomweb", url=orthanc.dicomweb_url)]}
     )
-    services = build_services(settings)
+    services = build_services(settings, migrate="upgrade")
     files = write_ct_series(tmp_path / "res", n_slices=2)
     rels = [services.spool.commit_file(p, "results") for p in files]
     job_id = services.queue.enqueue(JobKind.DELIVER, {"destination": "web", "files": rels})

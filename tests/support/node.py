@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+# The account the tests' own API calls use (a random password nobody needs: they use a token).
+TEST_ADMIN = "test-admin"
 
 
 def free_port() -> int:
@@ -85,10 +90,15 @@ class NodeProcess:
         config.update(extra or {})
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.proc: subprocess.Popen[bytes] | None = None
+        self.database_url = str(config["database_url"])
+        tls_cert = config["http"].get("tls_cert")
+        # HTTPS when the config gives a certificate; the tests trust exactly that certificate.
+        self._ssl = ssl.create_default_context(cafile=str(tls_cert)) if tls_cert else None
+        self._api_token: str | None = None
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.http_port}"
 
     def start(self, timeout_s: float = 60) -> NodeProcess:
         log = open(self.log_path, "ab")
@@ -114,14 +124,51 @@ class NodeProcess:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 self.get_json("/healthz")
-                return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.2)
+                continue
+            self._api_token = self._api_token or self._create_api_token()
+            return self
+        self.stop()  # never leave a half-started node behind
         raise TimeoutError(f"node did not answer /healthz in {timeout_s} s:\n{self.log_tail()}")
 
+    def _create_api_token(self) -> str:
+        """An admin API token for the test's own requests (the admin API needs sign-in)."""
+        from dicom_ai_node.domain.auth import Role
+        from dicom_ai_node.persistence.accounts import AccountRepository
+        from dicom_ai_node.persistence.db import make_engine
+
+        engine = make_engine(self.database_url)
+        try:
+            accounts = AccountRepository(engine)
+            if accounts.get_user(TEST_ADMIN) is None:
+                accounts.create_user(TEST_ADMIN, Role.ADMIN, secrets.token_urlsafe(24))
+            secret, _ = accounts.create_token(TEST_ADMIN, "tests")
+        finally:
+            engine.dispose()
+        return secret
+
+    def _request(self, path: str, body: Any = None, method: str | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {self._api_token}"} if self._api_token else {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.http_url + path, data=data, headers=headers, method=method)
+        with urllib.request.urlopen(req, timeout=10, context=self._ssl) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
     def get_json(self, path: str) -> Any:
-        with urllib.request.urlopen(self.http_url + path, timeout=5) as resp:
-            return json.loads(resp.read())
+        return self._request(path)
+
+    def post_json(self, path: str, body: Any = None) -> Any:
+        return self._request(path, body if body is not None else {}, method="POST")
+
+    def jobs(self, limit: int = 100, **filters: str) -> list[dict[str, Any]]:
+        """Jobs, newest first (the first page of GET /api/jobs)."""
+        query = urllib.parse.urlencode({"limit": limit, **filters})
+        return list(self.get_json(f"/api/jobs?{query}")["items"])
 
     def log_tail(self, n: int = 60) -> str:
         try:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from dicom_ai_node.domain.jobs import JobKind
-from dicom_ai_node.domain.rules import load_rules
 from dicom_ai_node.persistence.db import create_schema, make_engine
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import InstanceRecord, SeriesRepository, SeriesStatus
 from dicom_ai_node.route.completion import CompletionSweep
+from dicom_ai_node.rules_file import load_rules
 
 RULES = load_rules(Path(__file__).parents[2] / "config" / "rules.yaml")
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_ai_node.domain.rules import Condition, RuleSet, load_rules, match_rule, matching_rules, parse_rules
+from dicom_ai_node.domain.rules import Condition, RuleSet, match_rule, matching_rules, parse_rules
 from dicom_ai_node.errors import RuleError
+from dicom_ai_node.rules_file import load_rules
 
 RULES = Path(__file__).parents[2] / "config" / "rules.yaml"
 
