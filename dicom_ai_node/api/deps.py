@@ -44,8 +44,9 @@ CtxDep = Annotated[AdminContext, Depends(get_ctx)]
 
 
 def client_ip(request: Request) -> str:
-    """The peer address. X-Forwarded-For is ignored: any client can write it (a proxy deployment that
-    needs it would configure uvicorn's proxy_headers with a trusted list instead)."""
+    """The client address as the server saw it. api/server.py trusts X-Forwarded-For only from a proxy on
+    the node's own loopback (uvicorn's forwarded_allow_ips), so a remote client cannot choose its address
+    (rate limits, the /metrics network check) while a local TLS proxy still passes the real one."""
     return request.client.host if request.client is not None else "unknown"
 
 

@@ -56,15 +56,25 @@ class LoginRequest(BaseModel):
     password: Password
 
 
+class NodePublic(BaseModel):
+    """Which node this is (shown in the page header); only for signed-in users."""
+
+    version: str
+    ae_title: str
+    dicom_port: int
+
+
 class LoginResponse(BaseModel):
     user: UserPublic
     csrf_token: str
+    node: NodePublic
 
 
 class MeResponse(BaseModel):
     user: UserPublic
     csrf_token: str | None
     auth: Literal["session", "token"]
+    node: NodePublic
 
 
 class AuthStatus(BaseModel):

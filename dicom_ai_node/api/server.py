@@ -34,6 +34,11 @@ def start_http(
         access_log=False,
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
+        # X-Forwarded-For is believed only when the TCP peer is this host (a local reverse proxy);
+        # anything else is the real peer address. Without this, every client of a local proxy would
+        # look like loopback, which /metrics lets in.
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1,::1",
     )
     config.load()  # builds the SSL context now, so a broken certificate fails the start, not a thread
     if config.ssl is not None:

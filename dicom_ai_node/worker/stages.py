@@ -160,6 +160,9 @@ def run_infer(job: Job, ctx: StageContext) -> dict[str, Any]:
                 "fallback_files": fallback_files,
                 "series_instance_uid": series_uid,
                 "infer_job_id": job.id,
+                # Carried along so the admin page can filter deliveries by rule and model too.
+                "rule_id": rule.rule_id,
+                "model": p["model"],
             },
             dedupe_key=f"deliver:{series_uid}:{name}:job{job.id}:a{job.attempts}",
             priority=job.priority,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_ai_node.persistence.db import downgrade_schema, head_revision, make_engine
+from dicom_ai_node.persistence.db import downgrade_schema, head_revision, make_engine, upgrade_schema
 
 ROOT = Path(__file__).parents[2]
 COMMAND = Path(sys.executable).with_name("dicom-ai-node")
@@ -86,3 +86,50 @@ def test_db_current_and_upgrade_on_postgres(tmp_path: Path, postgres_database: s
     assert upgraded.returncode == 0, upgraded.stderr
     assert upgraded.stdout.strip() == f"database schema upgraded 0001 -> {head}"
     assert db(cfg, "current").stdout.splitlines()[-1] == "up to date"
+
+
+def test_worker_upgrades_or_refuses_by_setting(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    db_file = tmp_path / "node.db"
+    engine = make_engine(f"sqlite:///{db_file}")
+    upgrade_schema(engine, "0001")
+    engine.dispose()
+    head = head_revision()
+    cfg = tmp_path / "node.yaml"
+    settings = {"database_url": f"sqlite:///{db_file}", "spool_dir": str(tmp_path / "spool")}
+
+    cfg.write_text(yaml.safe_dump({**settings, "auto_upgrade_schema": False}))
+    refused = subprocess.run(
+        [str(COMMAND), "worker", "-c", str(cfg)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines() == [
+        f"error: database schema is at 0001 but this version needs {head}: run `dicom-ai-node db upgrade`"
+    ]
+
+    cfg.write_text(yaml.safe_dump({**settings, "auto_upgrade_schema": True}))
+    proc = subprocess.Popen(
+        [str(COMMAND), "worker", "-c", str(cfg)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        lines: list[str] = []
+        assert proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "database schema" in line:
+                break
+        assert any(f"database schema upgraded 0001 -> {head}" in line for line in lines), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert db(cfg, "current").returncode == 0

@@ -45,7 +45,10 @@ class NodeProcess:
         extra: dict[str, Any] | None = None,
         serve_args: tuple[str, ...] = (),
         pacs_verify: bool = True,
+        api_account: bool = True,
     ) -> None:
+        """`api_account=False` leaves the node without any user (as a fresh install is): the test's own
+        requests then go without a token, and only the open routes answer them."""
         self.serve_args = serve_args
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,7 @@ class NodeProcess:
         # HTTPS when the config gives a certificate; the tests trust exactly that certificate.
         self._ssl = ssl.create_default_context(cafile=str(tls_cert)) if tls_cert else None
         self._api_token: str | None = None
+        self._api_account = api_account
 
     @property
     def http_url(self) -> str:
@@ -127,7 +131,8 @@ class NodeProcess:
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.2)
                 continue
-            self._api_token = self._api_token or self._create_api_token()
+            if self._api_account:
+                self._api_token = self._api_token or self._create_api_token()
             return self
         self.stop()  # never leave a half-started node behind
         raise TimeoutError(f"node did not answer /healthz in {timeout_s} s:\n{self.log_tail()}")

@@ -7,7 +7,15 @@ from datetime import timedelta
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from dicom_ai_node.api.deps import CtxDep, CurrentUser, client_ip, record
-from dicom_ai_node.api.schemas import AuthStatus, LoginRequest, LoginResponse, MeResponse, UserPublic
+from dicom_ai_node.api.context import AdminContext
+from dicom_ai_node.api.schemas import (
+    AuthStatus,
+    LoginRequest,
+    LoginResponse,
+    MeResponse,
+    NodePublic,
+    UserPublic,
+)
 from dicom_ai_node.api.security import SESSION_COOKIE
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
@@ -64,7 +72,9 @@ def login(body: LoginRequest, request: Request, response: Response, ctx: CtxDep)
         secure=ctx.auth.secure_cookie,
     )
     record(ctx, request, actor=user.username, action="auth.login", target=user.username)
-    return LoginResponse(user=UserPublic.model_validate(user), csrf_token=session.csrf_token)
+    return LoginResponse(
+        user=UserPublic.model_validate(user), csrf_token=session.csrf_token, node=node_public(ctx)
+    )
 
 
 @router.post("/logout", status_code=204, response_class=Response)
@@ -83,7 +93,14 @@ def logout(request: Request, ctx: CtxDep, principal: CurrentUser) -> Response:
 
 
 @router.get("/me")
-def me(principal: CurrentUser) -> MeResponse:
+def me(ctx: CtxDep, principal: CurrentUser) -> MeResponse:
     return MeResponse(
-        user=UserPublic.model_validate(principal.user), csrf_token=principal.csrf_token, auth=principal.via
+        user=UserPublic.model_validate(principal.user),
+        csrf_token=principal.csrf_token,
+        auth=principal.via,
+        node=node_public(ctx),
     )
+
+
+def node_public(ctx: AdminContext) -> NodePublic:
+    return NodePublic(version=ctx.version, ae_title=ctx.ae_title, dicom_port=ctx.dicom_port)
