@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
-from dicom_ai_node.api.deps import CtxDep, CurrentUser, client_ip, record
 from dicom_ai_node.api.context import AdminContext
+from dicom_ai_node.api.deps import CtxDep, CurrentUser, client_ip, record
 from dicom_ai_node.api.schemas import (
     AuthStatus,
     LoginRequest,
