@@ -34,13 +34,23 @@ from tests.support.datasets import (
 from tests.support.dcmtk import storescu
 from tests.support.node import free_port
 from tests.support.orthanc import OrthancServer
+from tests.support.tools import require, require_executable
 
 NODE_AET = "AINODE"
-needs_orthanc = pytest.mark.skipif(
-    not (Path("/usr/sbin/Orthanc").is_file() and shutil.which("storescu")),
-    reason="needs Debian's orthanc, orthanc-dicomweb and dcmtk",
-)
-needs_lungs = pytest.mark.skipif(not lung_data_available(), reason="run scripts/fetch-test-data.sh")
+
+
+@pytest.fixture
+def needs_orthanc() -> None:
+    require(
+        Path("/usr/sbin/Orthanc").is_file() and shutil.which("storescu") is not None,
+        "Debian's orthanc and dcmtk",
+        "apt-get install orthanc orthanc-dicomweb dcmtk",
+    )
+
+
+@pytest.fixture
+def needs_lungs() -> None:
+    require(lung_data_available(), "the pyradiomics chest CTs", "bash scripts/fetch-test-data.sh")
 
 
 @dataclass
@@ -140,8 +150,7 @@ def _orthanc_series_id(orthanc: OrthancServer, series_instance_uid: str, what: s
     )
 
 
-@needs_orthanc
-@needs_lungs
+@pytest.mark.usefixtures("needs_orthanc", "needs_lungs")
 def test_orthanc_stores_and_auto_forwards_a_stable_series(
     orthanc: OrthancServer, scp: StorageScp, tmp_path: Path
 ) -> None:
@@ -166,8 +175,7 @@ def test_orthanc_stores_and_auto_forwards_a_stable_series(
     assert {aet for aet, uid in scp.received if uid == ct.series_instance_uid} == {orthanc.aet}
 
 
-@needs_orthanc
-@needs_lungs
+@pytest.mark.usefixtures("needs_orthanc", "needs_lungs")
 def test_results_and_series_from_the_node_are_not_forwarded(
     orthanc: OrthancServer, scp: StorageScp, tmp_path: Path
 ) -> None:
@@ -236,8 +244,8 @@ def test_ch2_series_geometry_matches_the_nifti(tmp_path: Path) -> None:
         assert np.allclose(dicom_lps, nifti_lps), (frame, row, col)
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dicom3tools")
 def test_written_series_pass_dciodvfy(tmp_path: Path) -> None:
+    require_executable("dciodvfy", "apt-get install dicom3tools")
     files = [ch2_mr_series(tmp_path / "mr").paths[90]]
     if lung_data_available():
         files.append(lung_ct_series(tmp_path / "ct", "lung2", frames=slice(0, 1)).paths[0])

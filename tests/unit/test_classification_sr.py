@@ -7,7 +7,6 @@ as algorithm parameters.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from dicom_ai_node.encode.uids import result_uids
 from dicom_ai_node.errors import EncodeError
 from dicom_ai_node.infer.volume import load_series
 from tests.support.synthetic import write_cr_image
+from tests.support.tools import require_executable
 
 PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
 EFFUSION = CodedConcept("60046008", "SCT", "Pleural effusion")
@@ -105,10 +105,10 @@ def test_findings_become_groups_with_presence_and_probability(
     sources = [i for i in ptx.ContentSequence if i.ValueType == "IMAGE"]
     assert sources[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == cr_headers[0].SOPInstanceUID
 
-    if shutil.which("dciodvfy"):
-        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-        assert errors == []
+    dciodvfy = require_executable("dciodvfy", "apt-get install dicom3tools")
+    out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
 
 
 def test_same_inputs_give_the_same_sr_uids(cr_headers: list[Dataset]) -> None:

@@ -85,8 +85,8 @@ def test_hd95_does_not_depend_on_padding_around_the_masks() -> None:
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_hd95_matches_monai() -> None:
-    torch = pytest.importorskip("torch")
-    monai_metrics = pytest.importorskip("monai.metrics")
+    import monai.metrics as monai_metrics  # required dependencies: an ImportError fails, never skips
+    import torch
     from scipy import ndimage as ndi
 
     rng = np.random.default_rng(0)

@@ -22,6 +22,7 @@ from dicom_ai_node.infer.manifest import verify_weights
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry, select_device
 from dicom_ai_node.infer.volume import Volume, load_series, voxel_volume_mm3
 from tests.support.datasets import lung_ct_series
+from tests.support.tools import require
 
 
 def test_unknown_model_is_a_permanent_error() -> None:
@@ -111,8 +112,7 @@ def brain_model() -> SegmentationModel:
 
 @pytest.fixture(scope="module")
 def ch2() -> tuple[Volume, np.ndarray]:
-    if not (CH2.is_file() and CH2BET.is_file()):
-        pytest.skip("ch2 templates missing: apt-get install mricron-data")
+    require(CH2.is_file() and CH2BET.is_file(), "ch2 templates", "apt-get install mricron-data")
     volume = _volume_from_nifti(CH2, "MR")
     reference_image = nib.load(CH2BET)
     assert isinstance(reference_image, nib.Nifti1Image)
