@@ -131,6 +131,8 @@ def test_admin_page_end_to_end(tmp_path: Path) -> None:
         expect(t("current-user")).to_have_text("admin1")
         expect(t("current-role")).to_have_text("admin")
         expect(t("node-version")).to_contain_text("v")
+        # login and /api/auth/me name the node: the header shows its AE title next to the version
+        expect(t("node-name")).to_have_text(f"AE {node.ae_title}")
 
         # -- a first series arrives before the rule exists: no rule matches it ---------------------------
         first = ct_phantom(tmp_path / "ct-first")
@@ -230,6 +232,10 @@ def test_admin_page_end_to_end(tmp_path: Path) -> None:
         expect(job_row).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
         go("/jobs")  # every job: the infer job and its delivery
         expect(page.locator('[data-test="jobs-table"] tbody tr[data-job-id]')).to_have_count(2)
+        # the delivery carries its rule and model too, so the list (and its filters) show them
+        deliver_row = page.locator('[data-test="jobs-table"] tbody tr[data-kind="deliver"]')
+        expect(deliver_row).to_contain_text(RULE_ID)
+        expect(deliver_row).to_contain_text("ct-lung-classical")
         shot(page, "jobs")
 
         job_row = t(f"job-row-{job_id}")

@@ -61,7 +61,7 @@ function header() {
       h("span.logo", "◆"),
       h("span.name", "dicom-ai-node"),
       h("span.version", { test: "node-version" }, nodeInfo.version ? `v${nodeInfo.version}` : ""),
-      nodeInfo.ae_title ? h("span.version", { test: "node-name" }, `AE ${nodeInfo.ae_title}`) : null,
+      nodeInfo.ae_title ? h("span.version.ae", { test: "node-name", title: nodeInfo.dicom_port ? `DICOM port ${nodeInfo.dicom_port}` : "" }, `AE ${nodeInfo.ae_title}`) : null,
     ),
     h(
       "nav.mainnav",

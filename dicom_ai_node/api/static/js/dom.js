@@ -66,6 +66,21 @@ export function fmtClock(d = new Date()) {
   return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
+/**
+ * A compact time for table cells: "08:12:52" today, "2026-12-02 08:12" on other days (it may wrap
+ * between date and time when the table is narrow); the full local time is in the tooltip. "" for null.
+ */
+export function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return String(iso);
+  const today = d.toDateString() === new Date().toDateString();
+  const text = today
+    ? fmtClock(d)
+    : `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}`;
+  return h("time.when", { datetime: d.toISOString(), title: fmtTime(iso) }, text);
+}
+
 /** 0.42 -> "0.42 s", 75 -> "1 min 15 s", 4000 -> "1 h 6 min". */
 export function fmtDuration(s) {
   if (s === null || s === undefined || Number.isNaN(Number(s))) return "";

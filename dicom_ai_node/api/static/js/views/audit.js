@@ -6,6 +6,22 @@ import { field, pageHeader, setQuery } from "../ui.js";
 
 const PAGE = 100;
 
+/**
+ * An event's detail: short values inline as "key: value"; multi-line text (a rule diff) folded away
+ * under its name, so one rule change does not fill the screen.
+ */
+function detailCell(detail) {
+  const entries = Object.entries(detail || {}).filter(([, v]) => v !== null && v !== undefined && v !== "");
+  const inline = [];
+  const folded = [];
+  for (const [key, value] of entries) {
+    const text = typeof value === "object" ? JSON.stringify(value) : String(value);
+    if (text.includes("\n")) folded.push(h("details", h("summary", `${key} (${text.trimEnd().split("\n").length} lines)`), h("pre", text)));
+    else inline.push(h("div", h("span.muted", `${key}: `), text));
+  }
+  return [...inline, ...folded];
+}
+
 export async function renderAudit(main, query) {
   const state = { action: query.get("action") || "", actor: query.get("actor") || "", since: query.get("since") || "", until: query.get("until") || "" };
   const body = h("tbody");
@@ -23,7 +39,7 @@ export async function renderAudit(main, query) {
     const rows = await get("/api/audit", { ...params(), limit: PAGE, before_id: beforeId });
     replace(body, rows.length ? rows.map((e) => h("tr", { test: "audit-row", class: e.outcome === "ok" ? "" : "bad-row" },
       h("td.nowrap", fmtTime(e.at)), h("td", e.actor), h("td", e.source), h("td", h("code", e.action)), h("td", e.target || ""),
-      h("td", e.outcome), h("td.detail", Object.keys(e.detail || {}).length ? JSON.stringify(e.detail) : ""))) : empty("No audit events match.", 7));
+      h("td", e.outcome), h("td.detail", detailCell(e.detail)))) : empty("No audit events match.", 7));
     replace(exports, exportLink("csv"), exportLink("json"));
     replace(pager,
       h("button", { type: "button", disabled: !stack.length, onclick: () => { beforeId = stack.pop() ?? null; load(); } }, "‹ Newer"),

@@ -2,7 +2,7 @@
 // DICOMweb) and each destination's recent deliveries.
 
 import { get, post, writeButton } from "../api.js";
-import { empty, fmtDuration, fmtTime, h, replace, statusBadge, table } from "../dom.js";
+import { empty, fmtDuration, h, replace, statusBadge, table, when } from "../dom.js";
 import { pageHeader } from "../ui.js";
 
 const COUNTS = ["succeeded", "queued", "failed", "dead"];
@@ -38,9 +38,9 @@ export async function renderDestinations(main) {
         (d.recent || []).length ? d.recent.map((r) => h("tr",
           h("td", h("a", { href: `#/jobs/${r.job_id}` }, String(r.job_id))),
           h("td", statusBadge(r.status)),
-          h("td.nowrap", fmtTime(r.finished_at)),
+          h("td.time", when(r.finished_at)),
           h("td", r.verified === true ? h("span.good", "✓ verified") : "—"),
-          h("td.error-cell", { title: r.error || "" }, r.error || ""))) : empty("No deliveries yet.", 5))));
+          h("td.error-cell", { title: r.error || "" }, r.error ? h("div.clamp", r.error) : ""))) : empty("No deliveries yet.", 5))));
   replace(
     main,
     pageHeader("Destinations"),

@@ -2,20 +2,81 @@
 // (received → verified) and related jobs, with retry / rerun / cancel.
 
 import { get, notify, post, writeButton } from "../api.js";
-import { empty, facts, fmtDuration, fmtTime, h, replace, shortUid, statusBadge, table } from "../dom.js";
+import { empty, facts, fmtClock, fmtDuration, fmtTime, h, replace, shortUid, statusBadge, table, when } from "../dom.js";
 import { autoRefresh, pageHeader } from "../ui.js";
 import { jobField, jobRow } from "./jobs.js";
 
 export const STAGES = ["received", "complete", "routed", "inferred", "encoded", "delivered", "verified"];
 const STATUS_MARK = { done: "✓", running: "…", pending: "○", failed: "✕", skipped: "–" };
 
-function detailText(detail) {
-  if (detail === null || detail === undefined || detail === "") return "";
-  if (typeof detail !== "object") return String(detail);
-  return Object.entries(detail)
-    .filter(([, v]) => v !== null && v !== "" && v !== undefined)
-    .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`)
-    .join(" · ");
+const ISO_TIME = /^\d{4}-\d\d-\d\dT\d\d:\d\d/;
+
+/** A time in a detail: the clock only when it is today (the timeline's own times are), else date and time. */
+function clockOf(iso) {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return String(iso);
+  return d.toDateString() === new Date().toDateString() ? fmtClock(d) : fmtTime(iso);
+}
+
+const plural = (n, word) => `${n} ${word}${Number(n) === 1 ? "" : "s"}`;
+
+/** Any other detail value, in words: times as hh:mm:ss, yes/no for booleans, lists joined. */
+function detailValue(value) {
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (typeof value === "string" && ISO_TIME.test(value)) return clockOf(value);
+  if (Array.isArray(value)) return value.join(", ");
+  if (value && typeof value === "object") return Object.entries(value).map(([k, v]) => `${k} ${detailValue(v)}`).join(", ");
+  return String(value);
+}
+
+/**
+ * A timeline step's detail as short phrases ("12 instances", "first at 08:12:50", "rule x v2",
+ * "to pacs", "attempt 2"); the error, when there is one, comes last. Keys the page does not know are
+ * still shown, as "key value".
+ */
+export function stepDetail(detail, status) {
+  if (detail === null || detail === undefined || detail === "") return [];
+  if (typeof detail !== "object") return [String(detail)];
+  const d = Object.fromEntries(Object.entries(detail).filter(([, v]) => v !== null && v !== undefined && v !== ""));
+  const parts = [];
+  const take = (key) => {
+    const v = d[key];
+    delete d[key];
+    return v;
+  };
+  const instances = take("instances");
+  if (instances !== undefined) parts.push(plural(instances, "instance"));
+  const first = take("first_received_at");
+  if (first !== undefined) parts.push(`first at ${clockOf(first)}`);
+  const rule = take("rule_id");
+  const ruleVersion = take("rule_version");
+  if (rule !== undefined) parts.push(`rule ${rule}${ruleVersion !== undefined ? ` v${ruleVersion}` : ""}`);
+  const model = take("model");
+  const device = take("device");
+  if (model !== undefined) parts.push(device !== undefined ? `${model} on ${device}` : model);
+  else if (device !== undefined) parts.push(`on ${device}`);
+  const destination = take("destination");
+  const verified = take("verified");
+  // "verified" is the delivery's read-back; the step's own status says whether it counts.
+  if (verified === true && status === "done") parts.push(`${destination || "the destination"} holds every object`);
+  else if (destination !== undefined) parts.push(`to ${destination}`);
+  const jobId = take("job_id");
+  if (jobId !== undefined) parts.push(`job ${jobId}`);
+  const attempts = take("attempts");
+  if (attempts !== undefined && Number(attempts) > 1) parts.push(plural(attempts, "attempt"));
+  const reason = take("reason");
+  if (reason !== undefined) parts.push(String(reason));
+  const error = take("error");
+  for (const [key, value] of Object.entries(d)) parts.push(`${key.replace(/_/g, " ")} ${detailValue(value)}`);
+  if (error !== undefined) parts.push(String(error));
+  return parts;
+}
+
+function stepDetailNode(step) {
+  const parts = stepDetail(step.detail, step.status);
+  // Short phrases never break inside ("12 instances" stays whole); an error text wraps as it must.
+  return h("div.step-detail", { title: parts.join(" · ") },
+    parts.map((p, i) => [i ? " · " : "", h(p.length <= 24 ? "span.part" : "span", p)]));
 }
 
 export function timeline(steps) {
@@ -33,7 +94,7 @@ export function timeline(steps) {
         h("div.step-status", s.status),
         h("div.step-at", s.at ? fmtTime(s.at).slice(11) : ""),
         h("div.step-dur", s.duration_s !== null && s.duration_s !== undefined ? `+${fmtDuration(s.duration_s)}` : ""),
-        h("div.step-detail", { title: detailText(s.detail) }, detailText(s.detail)),
+        stepDetailNode(s),
       ),
     ),
   );
@@ -51,11 +112,27 @@ function payloadSummary(payload) {
   return rows.length ? facts(rows, "payload") : h("p.muted", "Empty payload.");
 }
 
+/** One outcome value in words: timings as durations, volumes with their unit, lists counted. */
+function resultValue(key, value) {
+  if (Array.isArray(value)) return value.length > 3 || value.some((v) => typeof v === "object") ? `${value.length} item(s)` : value.join(", ");
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (typeof value === "string" && ISO_TIME.test(value)) return fmtTime(value);
+  if (!value || typeof value !== "object") return String(value);
+  const unit = key.endsWith("_cm3") ? " cm³" : "";
+  return Object.entries(value)
+    .map(([k, v]) => {
+      if (key === "timings" && typeof v === "number") return `${k.replace(/_s$/, "")} ${fmtDuration(v)}`;
+      if (typeof v === "number") return `${k} ${Number.isInteger(v) ? v : v.toFixed(1)}${unit}`;
+      return `${k} ${typeof v === "object" ? JSON.stringify(v) : v}`;
+    })
+    .join(" · ");
+}
+
 function resultSummary(result) {
   if (!result) return null;
   const rows = Object.entries(result)
     .filter(([, v]) => v !== null && v !== undefined)
-    .map(([k, v]) => [k, Array.isArray(v) ? `${v.length} item(s)` : typeof v === "object" ? JSON.stringify(v) : String(v)]);
+    .map(([k, v]) => [k, resultValue(k, v)]);
   return facts(rows, "job-result");
 }
 
@@ -121,7 +198,7 @@ export async function renderJob(main, id) {
       h("section.panel", h("h2", "Results"), table(
         ["Kind", "SOP Class", "Series Instance UID", "Created"],
         (job.results || []).length
-          ? job.results.map((r) => h("tr", h("td", r.kind), h("td", h("code", r.sop_class_uid)), h("td", shortUid(r.series_instance_uid, 30)), h("td.nowrap", fmtTime(r.created_at))))
+          ? job.results.map((r) => h("tr", h("td", r.kind), h("td", h("code", r.sop_class_uid)), h("td", shortUid(r.series_instance_uid, 30)), h("td.time", when(r.created_at))))
           : empty("No result objects.", 4),
         { test: "job-results" },
       )),

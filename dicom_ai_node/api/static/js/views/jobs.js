@@ -1,7 +1,7 @@
 // #/jobs: the queue with filters, auto-refresh, and the dead-letter view (status dead + replay selected).
 
 import { get, notify, post, writeButton } from "../api.js";
-import { dateToIso, debounce, empty, fmtTime, h, replace, select, shortUid, statusBadge, table } from "../dom.js";
+import { dateToIso, debounce, empty, h, replace, select, shortUid, statusBadge, when } from "../dom.js";
 import { autoRefresh, catalogs, field, pageHeader, setQuery } from "../ui.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "dead", "cancelled"];
@@ -24,16 +24,17 @@ export function jobRow(job, { selectable = false, selected = null, onToggle = nu
       ? h("td.check", h("input", { type: "checkbox", test: `select-job-${job.id}`, "aria-label": `select job ${job.id}`, checked: selected?.has(job.id), onchange: (ev) => onToggle(job.id, ev.target.checked) }))
       : null,
     h("td.num", h("a", { href: `#/jobs/${job.id}` }, String(job.id))),
-    h("td", job.kind),
-    h("td", statusBadge(job.status), verified ? h("span.verified", { title: "the destination holds every object (read-back)" }, " ✓ verified") : null),
+    h("td.nowrap", job.kind),
+    h("td.nowrap", statusBadge(job.status), verified ? h("span.verified", { title: "the destination holds every object (read-back)" }, "✓ verified") : null),
     h("td", shortUid(jobField(job, "series_instance_uid"))),
-    h("td", jobField(job, "rule_id") || ""),
-    h("td", jobField(job, "model") || ""),
-    h("td", jobField(job, "destination") || ""),
+    h("td.name", jobField(job, "rule_id") || ""),
+    h("td.name", jobField(job, "model") || ""),
+    h("td.name", jobField(job, "destination") || ""),
     h("td.num", `${job.attempts}/${job.max_attempts}`),
-    h("td.nowrap", fmtTime(job.created_at)),
-    h("td.nowrap", fmtTime(job.updated_at)),
-    h("td.error-cell", { title: job.last_error || "" }, job.last_error || ""),
+    h("td.time", when(job.created_at)),
+    h("td.time", when(job.updated_at)),
+    // The error takes the width left over and shows two lines at most; the full text is in the tooltip.
+    h("td.error-cell", { title: job.last_error || "" }, job.last_error ? h("div.clamp", job.last_error) : ""),
   );
 }
 

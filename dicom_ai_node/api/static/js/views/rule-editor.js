@@ -3,7 +3,7 @@
 // changed what, the diff between any two versions, and rolls back.
 
 import { ApiError, allows, get, notify, post, put, writeButton } from "../api.js";
-import { debounce, empty, fmtTime, h, replace, select, shortUid, table } from "../dom.js";
+import { debounce, empty, h, replace, select, shortUid, table, when } from "../dom.js";
 import { catalogs, forgetCatalogs, pageHeader } from "../ui.js";
 
 // Mirrors dicom_ai_node.domain.rules.MATCHABLE_ATTRIBUTES (the server validates anyway).
@@ -301,17 +301,20 @@ export async function renderRuleEditor(main, ruleId, query) {
     replace(dryOut, res.map((m) => h(`div.match.${m.matched ? "yes" : "no"}`, { test: "dryrun-match", dataset: { matched: String(m.matched) } },
       h("div.match-head", h("strong", m.matched ? "MATCH" : "no match"), ` ${m.rule_id || "(draft)"}${m.rule_version ? " v" + m.rule_version : ""} → ${m.model} → ${(m.destinations || []).join(", ")}`),
       table(["", "Condition", "Value in the series"], (m.conditions || []).map((c) => h("tr", { class: c.matched ? "ok" : "fail" },
-        h("td.mark", c.matched ? "✓" : "✕"), h("td", c.condition), h("td", h("code", c.value === null || c.value === undefined ? "(missing)" : JSON.stringify(c.value)))))))));
+        h("td.mark", c.matched ? "✓" : "✕"), h("td.wrap", c.condition), h("td.wrap", h("code", c.value === null || c.value === undefined ? "(missing)" : JSON.stringify(c.value)))))))));
   });
   const replay = () => tryDraft(async () => {
     const res = await post("/api/rules/replay", { rule: collect(), limit: Number(replayLimit.value) || 50 });
     replace(replayOut,
       h("p.replay-summary", { test: "replay-summary" }, h("strong", `Would match ${res.matched} of the last ${res.series_checked} series.`)),
-      table(["", "Series", "Modality", "Description", "Instances", "Last received", "Also matched by"],
+      // Five columns at most: the table sits in the narrow right-hand column of the editor.
+      table(["", "Series", "Received", "Also matched by"],
         res.items.length ? res.items.map((it) => h("tr", { class: it.matched ? "ok" : "fail", test: "replay-row", dataset: { matched: String(it.matched) } },
-          h("td.mark", it.matched ? "✓" : "✕"), h("td", shortUid(it.series_instance_uid, 22)), h("td", it.modality || ""), h("td", it.series_description || ""),
-          h("td.num", String(it.instance_count ?? "")), h("td.nowrap", fmtTime(it.last_received_at)), h("td", (it.other_rules || []).join(", "))))
-          : empty("No series received yet.", 7)));
+          h("td.mark", it.matched ? "✓" : "✕"),
+          h("td.wrap", h("div", [it.modality, it.instance_count != null ? `${it.instance_count} images` : null].filter(Boolean).join(" · "), " ", shortUid(it.series_instance_uid, 14)),
+            it.series_description ? h("div.muted.small", it.series_description) : null),
+          h("td.time", when(it.last_received_at)), h("td.wrap", (it.other_rules || []).join(", ") || h("span.muted", "none"))))
+          : empty("No series received yet.", 4)));
   });
 
   const tryPanel = h("section.panel.try", { test: "try-panel" },
@@ -359,8 +362,8 @@ export async function renderRuleEditor(main, ruleId, query) {
         h("td.num", `v${v.version}`, isCurrent ? h("span.badge.current", " current") : null),
         h("td", v.change || (v.deleted ? "delete" : "")),
         h("td", v.created_by || ""),
-        h("td.nowrap", fmtTime(v.created_at)),
-        h("td", v.comment || ""),
+        h("td.time", when(v.created_at)),
+        h("td.wrap", v.comment || ""),
         h("td", isCurrent || v.deleted ? null : writeButton("Roll back to this version", "admin", async () => {
           const comment = prompt(`Roll ${ruleId} back to the content of v${v.version}? This saves a new version.\nComment:`, `roll back to v${v.version}`);
           if (comment === null) return;

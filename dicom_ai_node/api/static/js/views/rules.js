@@ -2,7 +2,7 @@
 // a new version), delete, "new rule" and YAML import/export.
 
 import { ApiError, allows, del, get, notify, post, put, writeButton } from "../api.js";
-import { empty, fmtTime, h, replace } from "../dom.js";
+import { empty, h, replace, when } from "../dom.js";
 import { forgetCatalogs, pageHeader } from "../ui.js";
 
 export function describeCondition(c) {
@@ -47,12 +47,14 @@ export async function renderRules(main) {
             return h(
               `tr${r.enabled ? "" : ".disabled-rule"}`,
               { test: `rule-row-${r.id}`, dataset: { ruleId: r.id } },
-              h("td.num", { test: "rule-priority" }, String(r.action.priority)),
-              h("td.order",
+              h("td.priority",
+                h("span.prio", { test: "rule-priority" }, String(r.action.priority)),
                 writeButton("▲", "admin", () => move(rules[i - 1].rule.action.priority + 1, "raised"), { class: "icon", test: `rule-up-${r.id}`, disabled: i === 0, title: "raise the priority (saves a new version)", "aria-label": `raise ${r.id}` }),
                 writeButton("▼", "admin", () => move(rules[i + 1].rule.action.priority - 1, "lowered"), { class: "icon", test: `rule-down-${r.id}`, disabled: i === rules.length - 1, title: "lower the priority (saves a new version)", "aria-label": `lower ${r.id}` })),
-              h("td", h("a", { href: `#/rules/${encodeURIComponent(r.id)}`, test: `rule-link-${r.id}` }, h("strong", r.id)), h("div.muted.small", r.description || "")),
-              h("td.num", `v${r.version}`),
+              h("td.rule-name",
+                h("a", { href: `#/rules/${encodeURIComponent(r.id)}`, test: `rule-link-${r.id}` }, h("strong", r.id)),
+                h("span.rule-v", { test: "rule-list-version" }, `v${r.version}`),
+                h("div.muted.small", r.description || "")),
               h("td", h("label.toggle", { title: allows("admin") ? (r.enabled ? "disable (saves a new version)" : "enable (saves a new version)") : "needs role admin" },
                 h("input", {
                   type: "checkbox", checked: r.enabled, disabled: !allows("admin"), test: `rule-enabled-${r.id}`, dataset: { needs: "admin" },
@@ -71,9 +73,9 @@ export async function renderRules(main) {
                 }),
                 h("span", r.enabled ? "on" : "off"))),
               h("td.conditions", r.conditions.map((c) => h("div", describeCondition(c)))),
-              h("td.nowrap", r.action.model),
-              h("td", r.action.destinations.join(", ")),
-              h("td.small", fmtTime(it.updated_at), h("div.muted", it.updated_by || ""), it.comment ? h("div.muted", `“${it.comment}”`) : null),
+              h("td.action", h("div.nowrap", r.action.model), h("div.muted.small", `→ ${r.action.destinations.join(", ")}`)),
+              h("td.last-change", when(it.updated_at), it.updated_by ? h("span.muted", ` ${it.updated_by}`) : null,
+                it.comment ? h("div.muted.clamp", { title: it.comment }, `“${it.comment}”`) : null),
               h("td.row-actions",
                 h("a.button", { href: `#/rules/${encodeURIComponent(r.id)}`, test: `rule-edit-${r.id}` }, allows("admin") ? "Edit" : "View"),
                 writeButton("Delete", "admin", async () => {
@@ -86,7 +88,7 @@ export async function renderRules(main) {
                 }, { class: "danger", test: `rule-delete-${r.id}` })),
             );
           })
-        : empty("No routing rules: nothing is routed to a model.", 10),
+        : empty("No routing rules: nothing is routed to a model.", 7),
     );
   };
 
@@ -130,7 +132,7 @@ export async function renderRules(main) {
     h("p.muted", "Every enabled rule whose conditions all hold sends a completed series to its model; higher priority runs first. Each change saves a new version."),
     importPanel,
     h("div.table-wrap", h("table.grid.rules", { test: "rules-table" },
-      h("thead", h("tr", ["Priority", "", "Rule", "Version", "Enabled", "Conditions", "Model", "Destinations", "Last change", ""].map((c) => h("th", c)))),
+      h("thead", h("tr", ["Priority", "Rule", "Enabled", "Conditions", "Model → destinations", "Last change", ""].map((c) => h("th", c)))),
       body)),
   );
   await load();

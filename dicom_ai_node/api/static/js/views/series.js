@@ -1,7 +1,7 @@
 // #/series and #/series/UID: received series (by UID, modality, description, counts: never patient data).
 
 import { get } from "../api.js";
-import { debounce, empty, facts, fmtTime, h, replace, select, shortUid, statusBadge, table } from "../dom.js";
+import { debounce, empty, facts, fmtTime, h, replace, select, shortUid, statusBadge, table, when } from "../dom.js";
 import { autoRefresh, field, pageHeader, setQuery } from "../ui.js";
 import { jobRow } from "./jobs.js";
 
@@ -38,7 +38,7 @@ export async function renderSeriesList(main, query) {
               h("td", statusBadge(s.status)),
               h("td", s.route_note || ""),
               h("td", s.calling_ae || ""),
-              h("td.nowrap", fmtTime(s.last_received_at))))
+              h("td.time", when(s.last_received_at))))
         : empty("No series match these filters.", 8),
     );
     summary.textContent = total ? `${offset + 1}–${offset + items.length} of ${total}` : "0 series";
@@ -83,7 +83,7 @@ export async function renderSeries(main, uid) {
         ["Routed", fmtTime(s.routed_at)],
       ], "series-facts")),
       h("section.panel", h("h2", "Results"), table(["Kind", "SOP Class", "Series Instance UID", "Job", "Created"],
-        (s.results || []).length ? s.results.map((r) => h("tr", h("td", r.kind), h("td", h("code", r.sop_class_uid)), h("td", shortUid(r.series_instance_uid, 24)), h("td", h("a", { href: `#/jobs/${r.job_id}` }, String(r.job_id))), h("td.nowrap", fmtTime(r.created_at)))) : empty("No results yet.", 5)))),
+        (s.results || []).length ? s.results.map((r) => h("tr", h("td", r.kind), h("td", h("code", r.sop_class_uid)), h("td", shortUid(r.series_instance_uid, 24)), h("td", h("a", { href: `#/jobs/${r.job_id}` }, String(r.job_id))), h("td.time", when(r.created_at)))) : empty("No results yet.", 5)))),
     h("section.panel", h("h2", "Jobs"), table(["ID", "Kind", "Status", "Series", "Rule", "Model", "Destination", "Attempts", "Created", "Updated", "Last error"],
       (s.jobs || []).length ? s.jobs.map((j) => jobRow(j)) : empty("No jobs.", 11))),
   );
