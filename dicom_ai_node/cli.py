@@ -15,6 +15,7 @@ import typer
 from dicom_ai_node import __version__
 from dicom_ai_node.cli_admin import register_rules_commands, tokens_app, users_app
 from dicom_ai_node.cli_db import db_app
+from dicom_ai_node.cli_pull import register_pull_commands
 from dicom_ai_node.config import NodeSettings, load_settings
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import ConfigError, DeliveryError, InvalidDicomError, RuleError
@@ -37,6 +38,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 register_rules_commands(rules_app)
+register_pull_commands(app)
 app.command("evaluate")(evaluate_command)
 
 ConfigOption = Annotated[
@@ -72,6 +74,8 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # highdicom logs every copied module at INFO.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # dicomweb-client logs request URLs at DEBUG, and a QIDO-RS query URL may hold a patient ID filter.
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
 
 def _parse_peer(value: str) -> tuple[str, str, int]:
@@ -157,6 +161,7 @@ def serve(
             metrics=metrics,
             version=__version__,
             dicom_port=scp.port,
+            spool=services.spool,
         )
         try:
             server = start_http(

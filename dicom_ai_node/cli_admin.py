@@ -186,7 +186,7 @@ def _user_json(u: User) -> dict[str, Any]:
 @users_app.command("set-role")
 def users_set_role(
     username: str,
-    role: Annotated[Role, typer.Argument(help="admin | operator | viewer")],
+    role: Annotated[Role, typer.Argument(help="admin | operator | viewer | sender")],
     config: ConfigOption = None,
 ) -> None:
     """Change a user's role (applies to its sessions and tokens at once)."""

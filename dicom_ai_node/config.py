@@ -107,6 +107,16 @@ class HttpSettings(_Strict):
             return False
 
 
+class DicomWebSettings(_Strict):
+    """STOW-RS receive on the admin HTTP port (POST /dicom-web/studies), for senders with an API token."""
+
+    stow_enabled: bool = True
+    # A request over stow_max_request_mb, or one part over stow_max_part_mb, is refused with 413 and
+    # nothing of it is stored. The body streams to the spool, so these bound disk use, not memory.
+    stow_max_request_mb: int = Field(2048, ge=1)
+    stow_max_part_mb: int = Field(1024, ge=1)
+
+
 class Destination(_Strict):
     """Where results are sent: `dicom` (C-STORE SCU to ae_title@host:port) or `dicomweb` (STOW-RS to url)."""
 
@@ -147,6 +157,44 @@ class Destination(_Strict):
                 raise ValueError(f"a dicom destination needs {', '.join(missing)}")
         elif self.url is None:
             raise ValueError("a dicomweb destination needs url")
+        return self
+
+
+class Source(_Strict):
+    """A PACS the node pulls studies from (`dicom-ai-node pull`, the page's PACS view).
+
+    `dicom`: C-FIND to ae_title@host:port, then C-MOVE to the node's own AE (the PACS must know the node's
+    AE title, host and port as a move destination, and `dicom.allowed_peers` must let the PACS's AE in) or
+    C-GET on the same association (`retrieve: get`). `dicomweb`: QIDO-RS + WADO-RS under `url`.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    # type dicom
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    calling_ae_title: str | None = None
+    retrieve: Literal["move", "get"] = "move"
+    max_pdu: int = Field(131072, ge=0)
+    # type dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    # Per request (DICOMweb) or per DIMSE message; C-MOVE also waits this long with no new instance.
+    timeout_s: float = Field(60, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> Source:
+        if self.type == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dicom source needs {', '.join(missing)}")
+        elif self.url is None:
+            raise ValueError("a dicomweb source needs url")
         return self
 
 
@@ -220,6 +268,7 @@ class NodeSettings(BaseSettings):
     ae_title: str = "AINODE"
     dicom: DicomSettings = Field(default_factory=DicomSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
     spool_dir: Path = Path("var/spool")
     database_url: str = "sqlite:///var/ainode.db"
     # serve/worker bring an older database schema up to date at start (alembic migrations). Set false
@@ -233,6 +282,8 @@ class NodeSettings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     rules_file: Path = Path("config/rules.yaml")
     destinations: list[Destination] = Field(default_factory=list)
+    # PACS to pull studies from (query/retrieve); see docs/operations.md, "Pulling from a PACS".
+    sources: list[Source] = Field(default_factory=list)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
@@ -252,6 +303,9 @@ class NodeSettings(BaseSettings):
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError(f"destination names must be unique: {names}")
+        sources = [s.name for s in self.sources]
+        if len(sources) != len(set(sources)):
+            raise ValueError(f"source names must be unique: {sources}")
         return self
 
     @classmethod
@@ -271,6 +325,12 @@ class NodeSettings(BaseSettings):
             if dest.name == name:
                 return dest
         raise ConfigError("destinations", f"no destination named {name!r}")
+
+    def source(self, name: str) -> Source:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        raise ConfigError("sources", f"no source named {name!r}")
 
     def resolve_paths(self, base: Path) -> NodeSettings:
         """Make relative paths relative to the config file's directory's parent (the install root)."""

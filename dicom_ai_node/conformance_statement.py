@@ -10,6 +10,14 @@ from __future__ import annotations
 from pydicom.uid import UID
 
 from dicom_ai_node import __version__
+from dicom_ai_node.config import DicomWebSettings
+from dicom_ai_node.domain.ingest import (
+    FAILURE_CANNOT_UNDERSTAND,
+    FAILURE_OUT_OF_RESOURCES,
+    FAILURE_SOP_CLASS_NOT_SUPPORTED,
+    FAILURE_STUDY_MISMATCH,
+    FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED,
+)
 from dicom_ai_node.receive.conformance import (
     ACCEPTED_TRANSFER_SYNTAXES,
     IMAGE_STORAGE_SOP_CLASSES,
@@ -49,7 +57,13 @@ def render() -> str:
         "One AE (default title `AINODE`, configurable as `ae_title`) that is:",
         "",
         "- a **Storage SCP** and **Verification SCP**: receives images from PACS and modalities;",
-        "- a **Storage SCU** and **Verification SCU**: sends results (SEG, SR) to configured destinations.",
+        "- a **Storage SCU** and **Verification SCU**: sends results (SEG, SR) to configured destinations;",
+        "- a **Query/Retrieve SCU** (Study Root FIND, MOVE, GET) and, under C-GET, a Storage SCP on the",
+        "  same association: pulls studies from configured PACS sources (section 6);",
+        "- a DICOMweb **QIDO-RS and WADO-RS user agent** for `type: dicomweb` sources (section 6).",
+        "",
+        "The admin HTTP port also serves a DICOMweb **STOW-RS origin server** (receiver role; section 5),",
+        "which takes the same SOP classes and transfer syntaxes into the same storage path as the SCP.",
         "",
         "## 2. Association acceptance (SCP)",
         "",
@@ -169,8 +183,137 @@ def render() -> str:
         "  Series/SOP Instance UIDs are `2.25.` UUID-derived UIDs determined by the source series, model",
         "  version, rule version and series generation, so a re-sent result replaces rather than duplicates.",
         "",
+        *_stow_section(),
+        *_pull_section(),
     ]
     return "\n".join(lines)
+
+
+def _stow_section() -> list[str]:
+    web = DicomWebSettings()
+    return [
+        "## 5. DICOMweb STOW-RS receiver (origin server)",
+        "",
+        "Store Transaction (PS3.18 10.5) on the admin HTTP(S) port (`http.bind`, `http.port`), on unless",
+        "`dicomweb.stow_enabled: false`:",
+        "",
+        "| Resource | Method | Stores |",
+        "|---|---|---|",
+        "| `/dicom-web/studies` | POST | instances of any study |",
+        "| `/dicom-web/studies/{StudyInstanceUID}` | POST | instances of that study only |",
+        "",
+        "- **Authentication**: `Authorization: Bearer <API token>` whose effective role (the lower of the",
+        "  token's and its user's) is sender, operator or admin; no token or an unknown, expired or revoked",
+        "  one: 401; a viewer token: 403. Page sessions (cookies) are not accepted. Every request is audited",
+        "  (`stow.store`: user, token name, study, stored/duplicate/failed counts).",
+        '- **Request media type**: `multipart/related; type="application/dicom"; boundary=...` (names and',
+        "  the type value case-insensitive, boundary quoted or not); anything else: 415. Each part is a DICOM",
+        "  Part 10 instance (`application/dicom`; a part without Content-Type is taken as the `type`",
+        "  parameter says, RFC 2387). Bulk-data and metadata (`application/dicom+json`/`+xml`) requests are",
+        "  not supported (415). Accepted SOP classes and transfer syntaxes: those of 2.2 and 2.3; instances",
+        "  are stored byte for byte, never transcoded.",
+        f"- **Limits**: a request body over `dicomweb.stow_max_request_mb` (default {web.stow_max_request_mb} MB)",
+        f"  or one part over `dicomweb.stow_max_part_mb` (default {web.stow_max_part_mb} MB): 413, checked",
+        "  against Content-Length before reading and again while the body streams; nothing stored.",
+        "- **All or nothing per body**: the body streams to temp files in the spool; only a complete,",
+        "  well-formed multipart body (closing boundary seen) within the limits is stored. A truncated or",
+        "  malformed body (or a client that disconnects): 400, nothing stored.",
+        "- **Per instance**: each part is then stored exactly as a C-STORE (fsync, rename, fsync dir, database",
+        "  commit) before the answer. A duplicate SOP Instance UID is kept once and reported as stored. The",
+        "  series' calling AE (what rules match as CallingAETitle) is the API token's name, cut to 16",
+        "  printable characters without backslash.",
+        "",
+        "Response (PS3.18 10.5.3): `application/dicom+json` (DICOM JSON model), or `application/dicom+xml`",
+        "(Native DICOM Model) when Accept asks for it. ReferencedSOPSequence (0008,1199) lists every stored",
+        "instance (Referenced SOP Class/Instance UID); FailedSOPSequence (0008,1198) every failed one with its",
+        "FailureReason (0008,1197). No RetrieveURL: the node serves no WADO-RS.",
+        "",
+        "| HTTP status | When |",
+        "|---|---|",
+        "| 200 OK | every instance stored |",
+        "| 202 Accepted | some instances stored, some failed |",
+        "| 409 Conflict | every instance failed |",
+        "| 400 Bad Request | malformed or truncated multipart body; nothing stored |",
+        "| 401 / 403 | no valid API token / a role that may not store |",
+        "| 404 Not Found | STOW-RS turned off |",
+        "| 413 Content Too Large | over a size limit; nothing stored |",
+        '| 415 Unsupported Media Type | not `multipart/related; type="application/dicom"` with a boundary |',
+        "",
+        "| FailureReason | Meaning | When |",
+        "|---|---|---|",
+        f"| 0x{FAILURE_OUT_OF_RESOURCES:04X} | Refused: out of resources | spool disk under its reserve, "
+        "spool write error, or database unavailable; the sender may retry |",
+        f"| 0x{FAILURE_STUDY_MISMATCH:04X} | Error: data set does not match | the instance's Study Instance UID"
+        " differs from the request URL's, or a key UID (SOP Instance/Class, Series, Study) is missing |",
+        f"| 0x{FAILURE_CANNOT_UNDERSTAND:04X} | Error: cannot understand | the part is not a parseable DICOM "
+        "Part 10 instance, or its Content-Type is not application/dicom |",
+        f"| 0x{FAILURE_SOP_CLASS_NOT_SUPPORTED:04X} | Error: SOP class not supported | a SOP class not in 2.2 |",
+        f"| 0x{FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED:04X} | Error: transfer syntax not supported | a transfer "
+        "syntax not in 2.3 |",
+        "",
+    ]
+
+
+def _pull_section() -> list[str]:
+    from dicom_ai_node.pull.query import STUDY_ROOT_FIND
+    from dicom_ai_node.pull.retrieve import GET_TRANSFER_SYNTAXES, STUDY_ROOT_GET, STUDY_ROOT_MOVE
+    from dicom_ai_node.pull.service import SKIPPED_MODALITIES
+
+    return [
+        "",
+        "## 6. Pulling from a PACS (Query/Retrieve SCU, QIDO-RS / WADO-RS user agent)",
+        "",
+        "`dicom-ai-node find` / `pull`, the admin API (`POST /api/sources/{name}/find`, `POST /api/pull`) and",
+        "the page's PACS view query and retrieve from the configured `sources[]`. Retrieved instances are",
+        "stored exactly as received ones (section 2.4: durable spool file + database row, duplicates kept",
+        "once) and routed by the same rules. Series whose Modality is "
+        + ", ".join(sorted(SKIPPED_MODALITIES))
+        + " (results, key objects, presentation states) are not retrieved.",
+        "",
+        "### 6.1 SOP classes (SCU)",
+        "",
+        "| SOP class | UID | Use |",
+        "|---|---|---|",
+        f"| {STUDY_ROOT_FIND.name} | `{STUDY_ROOT_FIND}` | STUDY level: find studies (filters below); SERIES level: "
+        "the series of the study to pull |",
+        f"| {STUDY_ROOT_MOVE.name} | `{STUDY_ROOT_MOVE}` | `retrieve: move` (default): one C-MOVE per series, "
+        "Move Destination = the node's own AE title |",
+        f"| {STUDY_ROOT_GET.name} | `{STUDY_ROOT_GET}` | `retrieve: get`: one C-GET per series |",
+        "",
+        "C-FIND STUDY-level matching keys: PatientID, StudyDate (range), ModalitiesInStudy, AccessionNumber,",
+        "StudyDescription, StudyInstanceUID; return keys: StudyDate, StudyDescription, AccessionNumber,",
+        "ModalitiesInStudy, NumberOfStudyRelatedSeries, NumberOfStudyRelatedInstances (PatientName and",
+        "PatientID only for the `find` command's table, never stored, logged or served by the API).",
+        "SERIES level: SeriesInstanceUID, Modality, SeriesDescription, NumberOfSeriesRelatedInstances.",
+        "A `limit` ends a long C-FIND with C-CANCEL.",
+        "",
+        "C-MOVE: the PACS must know the node's AE title, host and DICOM port as a move destination, and the",
+        "PACS's AE title must be in `dicom.allowed_peers`; the moved instances arrive at the node's running",
+        "Storage SCP (section 2). C-GET: the node proposes Study Root GET plus every storage SOP class of",
+        "section 2.2 with SCP/SCU Role Selection (SCP role) and these transfer syntaxes, in order:",
+        "",
+        "| Transfer syntax | UID |",
+        "|---|---|",
+        *[_row(UID(uid)) for uid in GET_TRANSFER_SYNTAXES],
+        "",
+        "The C-STORE sub-operations on the C-GET association are answered like C-STORE requests (2.4), plus",
+        "0x0122 (SOP class not supported) for a class outside 2.2.",
+        "",
+        "C-MOVE / C-GET responses: pending (0xFF00) counts are shown as progress; success 0x0000 and warning",
+        "0xB000 (some sub-operations failed) finish the pull; 0xA7xx, no response or a refused connection",
+        "are retried (pull job: backoff, then dead letter); 0xA801 (move destination unknown), 0xA9xx,",
+        "0xCxxx and a rejected association are permanent. A study the source does not hold (no SERIES",
+        "answer) fails at once: `<source> has no study <uid>`.",
+        "",
+        "### 6.2 DICOMweb sources",
+        "",
+        "`type: dicomweb` sources are queried with QIDO-RS (`GET {url}/studies` with the filters above as",
+        "query parameters and `includefield`, `GET {url}/studies/{study}/series`) and retrieved series by",
+        "series with WADO-RS (`GET {url}/studies/{study}/series/{series}`, multipart/related;",
+        "type=application/dicom), each instance stored as it streams in. HTTP 4xx except 408/429 is",
+        "permanent (a 404 to the series search: the study is not there); connection errors, timeouts, 5xx",
+        "and 408/429 are retried.",
+    ]
 
 
 if __name__ == "__main__":

@@ -74,3 +74,19 @@ class AccountError(NodeError):
 class RuleConflictError(NodeError):
     """A rule save was refused: another save came first (expected version is not the current one),
     the id already exists (create), or it is unknown or deleted (update, delete, rollback)."""
+
+
+class PullError(NodeError):
+    """Base for query/retrieve failures from a PACS source; use the Transient/Permanent subclasses."""
+
+
+class TransientPullError(PullError, TransientError):
+    pass
+
+
+class PermanentPullError(PullError, PermanentError):
+    pass
+
+
+class StudyNotFoundError(PermanentPullError):
+    """The source holds no such study (or series): the message is the one line the CLI prints."""

@@ -31,10 +31,12 @@ from dicom_ai_node.persistence.db import (
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.persistence.rules_store import RuleStore
+from dicom_ai_node.pull.service import Puller
 from dicom_ai_node.route.completion import CompletionSweep
 from dicom_ai_node.rules_file import load_rules
 from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import Spool
+from dicom_ai_node.worker.pull_stage import run_pull
 from dicom_ai_node.worker.runner import Worker
 from dicom_ai_node.worker.stages import StageContext, run_deliver, run_infer
 
@@ -192,9 +194,11 @@ def build_workers(
     ctx = StageContext(
         services.settings, services.repo, services.queue, services.spool, inference, __version__, metrics
     )
+    puller = Puller(services.settings, services.spool, services.repo)
     handlers = {
         JobKind.INFER: lambda job: run_infer(job, ctx),
         JobKind.DELIVER: lambda job: run_deliver(job, ctx),
+        JobKind.PULL: lambda job: run_pull(job, puller, services.queue),
     }
     w = services.settings.worker
     return [

@@ -24,6 +24,7 @@ from dicom_ai_node.domain.catalog import (
     ProbeResult,
     WeightsInfo,
 )
+from dicom_ai_node.domain.ingest import StowLimits
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.manifest import ModelManifest, sha256_of
@@ -34,6 +35,8 @@ from dicom_ai_node.persistence.audit import AuditLog
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.persistence.rules_store import RuleStore
+from dicom_ai_node.pull.catalog import source_info, study_finder
+from dicom_ai_node.receive.ingest import stow_ingest
 from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -209,7 +212,11 @@ def build_admin_context(
     metrics: NodeMetrics | None,
     version: str,
     dicom_port: int,
+    spool: Spool | None = None,
 ) -> AdminContext:
+    """`spool` turns STOW-RS receive on (unless dicomweb.stow_enabled is false): parts stream into its
+    incoming dir and are stored through the same ingest path as C-STORE."""
+    stow_spool = spool if settings.dicomweb.stow_enabled else None
     return AdminContext(
         repo=repo,
         queue=queue,
@@ -225,4 +232,14 @@ def build_admin_context(
         version=version,
         ae_title=settings.ae_title,
         dicom_port=dicom_port,
+        ingest=(
+            stow_ingest(stow_spool, repo, settings.disk_reserve_mb * 2**20, metrics) if stow_spool else None
+        ),
+        incoming_dir=stow_spool.incoming if stow_spool else None,
+        stow_limits=StowLimits(
+            max_request_bytes=settings.dicomweb.stow_max_request_mb * 2**20,
+            max_part_bytes=settings.dicomweb.stow_max_part_mb * 2**20,
+        ),
+        sources=[source_info(s) for s in settings.sources],
+        find_studies=study_finder(settings),
     )

@@ -15,22 +15,24 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from dicom_ai_node.api.context import AdminContext
-from dicom_ai_node.api.deps import CurrentUser
+from dicom_ai_node.api.deps import Viewer
 from dicom_ai_node.api.routers import (
     audit,
     auth,
     destinations,
     jobs,
     models,
+    pull,
     rules,
     series,
+    stow,
     system,
     tokens,
     users,
 )
 from dicom_ai_node.api.security import SecurityHeadersMiddleware
 
-ROUTERS = (system, auth, jobs, series, rules, destinations, models, audit, users, tokens)
+ROUTERS = (system, auth, jobs, series, rules, destinations, models, audit, users, tokens, stow, pull)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -61,7 +63,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
         app.include_router(module.router)
 
     @app.get("/openapi.json", include_in_schema=False)
-    def openapi(_: CurrentUser) -> dict[str, Any]:
+    def openapi(_: Viewer) -> dict[str, Any]:
         return app.openapi()
 
     app.mount("/static", StaticFiles(packages=[("dicom_ai_node.api", "static")]), name="static")

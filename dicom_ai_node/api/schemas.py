@@ -157,6 +157,10 @@ class JobPublic(_Public):
     destination: str | None
     worker_id: str | None
     last_error: str | None
+    # What the job was asked to do and what it reported (UIDs, model, destination, timings, verified);
+    # never patient data: payloads and results hold none.
+    payload: dict[str, Any]
+    result: dict[str, Any] | None
 
 
 class JobPage(BaseModel):
@@ -185,8 +189,6 @@ class TimelineStepPublic(_Public):
 
 
 class JobDetail(JobPublic):
-    payload: dict[str, Any]
-    result: dict[str, Any] | None
     results: list[ResultPublic]
     timeline: list[TimelineStepPublic]
     related: list[JobPublic]  # an infer job's deliver jobs, or a deliver job's infer job

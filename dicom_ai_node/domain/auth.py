@@ -6,8 +6,13 @@ import enum
 
 
 class Role(enum.StrEnum):
-    """Roles in rising order of power; each one may do everything the ones below it may."""
+    """Roles in rising order of power; each one may do everything the ones below it may.
 
+    SENDER is the exception to the ladder: it may read nothing, and its one right (STOW-RS, storing
+    instances) is one that viewers lack; see `may_store`.
+    """
+
+    SENDER = "sender"  # STOW-RS senders (modalities, PACS, scripts): store instances, read nothing
     VIEWER = "viewer"  # read everything (no PHI is ever shown)
     OPERATOR = "operator"  # + retry, rerun, cancel, replay jobs; test destinations
     ADMIN = "admin"  # + routing rules, users, API tokens
@@ -20,5 +25,11 @@ class Role(enum.StrEnum):
         """True when this role may do what `needed` may."""
         return self.rank >= needed.rank
 
+    @property
+    def may_store(self) -> bool:
+        """May send instances to the node over STOW-RS: senders, operators and admins, not viewers (a
+        viewer's token only reads; storing data is a write)."""
+        return self is Role.SENDER or self.allows(Role.OPERATOR)
 
-_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
+
+_RANK = {Role.SENDER: -1, Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}

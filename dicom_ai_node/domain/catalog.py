@@ -7,6 +7,7 @@ registry and the model registry, and hands them in through `api.context.AdminCon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 
@@ -18,6 +19,57 @@ class DestinationInfo:
     type: str  # dicom | dicomweb
     address: str  # AE@host:port or the DICOMweb root URL
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A configured PACS source (query/retrieve) as the admin page shows it; no secrets."""
+
+    name: str
+    type: str  # dicom | dicomweb
+    address: str  # AE@host:port or the DICOMweb root URL
+    retrieve: str  # move | get (dicom) or wado-rs (dicomweb)
+
+
+@dataclass(frozen=True)
+class StudyQuery:
+    """Study-level query filters (C-FIND / QIDO-RS). Values are the operator's input: never log or audit
+    them (patient_id is PHI); `None` means no filter."""
+
+    study_instance_uid: str | None = None
+    patient_id: str | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+    modality: str | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+    limit: int = 100
+
+    def filter_keys(self) -> list[str]:
+        """The names of the filters given (what the audit may record), never their values."""
+        names: tuple[str, ...] = (
+            "study_instance_uid",
+            "patient_id",
+            "date_from",
+            "date_to",
+            "modality",
+            "accession_number",
+        )
+        names += ("study_description",)
+        return [n for n in names if getattr(self, n) not in (None, "")]
+
+
+@dataclass(frozen=True)
+class StudyMatchInfo:
+    """One study a source holds, without patient name, ID or birth date (the page never shows PHI)."""
+
+    study_instance_uid: str
+    study_date: str = ""  # YYYYMMDD as the PACS gave it
+    study_description: str = ""
+    accession_number: str = ""
+    modalities: tuple[str, ...] = ()
+    number_of_series: int | None = None
+    number_of_instances: int | None = None
 
 
 @dataclass(frozen=True)

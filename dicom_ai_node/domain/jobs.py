@@ -10,6 +10,7 @@ from dataclasses import dataclass
 class JobKind(enum.StrEnum):
     INFER = "infer"
     DELIVER = "deliver"
+    PULL = "pull"  # query/retrieve a study from a PACS source into the spool (then routed as received)
 
 
 class JobStatus(enum.StrEnum):
@@ -46,3 +47,27 @@ class QueueStats:
 
     depth: int
     oldest_age_s: float
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """Pull a study (or one series of it) from a configured source. UIDs and the source name only: the
+    payload is shown in the admin page."""
+
+    source: str
+    study_instance_uid: str
+    series_instance_uid: str | None = None
+
+    # Pulls go before routine work of the same priority: an operator is usually waiting for them.
+    PRIORITY = 20
+    MAX_ATTEMPTS = 3
+
+    def payload(self) -> dict[str, str]:
+        payload = {"source": self.source, "study_instance_uid": self.study_instance_uid}
+        if self.series_instance_uid:
+            payload["series_instance_uid"] = self.series_instance_uid
+        return payload
+
+    def dedupe_key(self) -> str:
+        """At most one unfinished pull per key (JobQueue.enqueue_while_unfinished)."""
+        return f"pull:{self.source}:{self.study_instance_uid}:{self.series_instance_uid or '*'}"

@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dicom_ai_node.domain.jobs import JobKind, JobStatus, QueueStats, RetryPolicy
+from dicom_ai_node.domain.jobs import JobKind, JobStatus, PullRequest, QueueStats, RetryPolicy
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
 from dicom_ai_node.persistence.tables import UtcDateTime, jobs, series
@@ -144,6 +144,38 @@ class JobQueue:
                 ).scalar_one()
         return int(job_id)
 
+    def enqueue_while_unfinished(
+        self, kind: JobKind, payload: dict[str, Any], *, dedupe_key: str, **options: Any
+    ) -> tuple[int, bool]:
+        """One unfinished job per `dedupe_key`: (id of the queued/running/failed one, False) if there is
+        one, else (id of a new job, True). Unlike `enqueue`'s key, this one may run again once finished.
+
+        Dedupe keys are unique for ever in the jobs table, so the stored key is ``{dedupe_key}#{n}`` with
+        n = 1 + the finished jobs of this key: concurrent callers compute the same n and the unique
+        constraint lets one of them in; after that job finishes, the next call gets n + 1.
+        """
+        same_key = sa.or_(
+            jobs.c.dedupe_key == dedupe_key, jobs.c.dedupe_key.startswith(f"{dedupe_key}#", autoescape=True)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs.c.id, jobs.c.status).where(same_key).order_by(jobs.c.id)).all()
+        for job_id, status in rows:
+            if status in (*_RUNNABLE, JobStatus.RUNNING.value):
+                return int(job_id), False
+        job_id = self.enqueue(kind, payload, dedupe_key=f"{dedupe_key}#{len(rows) + 1}", **options)
+        return job_id, all(job_id != r.id for r in rows)
+
+    def enqueue_pull(self, request: PullRequest) -> tuple[int, bool]:
+        """(job id, whether it is new): a pull of the same study (and series) that is still queued,
+        running or waiting for a retry is returned instead of a second one."""
+        return self.enqueue_while_unfinished(
+            JobKind.PULL,
+            dict(request.payload()),
+            dedupe_key=request.dedupe_key(),
+            priority=request.PRIORITY,
+            max_attempts=request.MAX_ATTEMPTS,
+        )
+
     def claim(self, worker_id: str, kinds: Sequence[JobKind], lease_s: float) -> Job | None:
         """Take the next runnable job of `kinds` for `worker_id`, or None when there is none.
 
@@ -210,6 +242,21 @@ class JobQueue:
         """Renew the lease; False when the job is no longer running under `worker_id` (lease lost)."""
         now = self._clock()
         stmt = sa.update(jobs).where(*_owned(job_id, worker_id)).values(heartbeat_at=now, updated_at=now)
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def set_progress(self, job_id: int, worker_id: str, progress: dict[str, Any]) -> bool:
+        """Store a running job's progress (no PHI) in its `result`, which `succeed` later replaces.
+
+        Guarded by ownership like `heartbeat`: False (nothing written) when the job is no longer running
+        under `worker_id`.
+        """
+        now = self._clock()
+        stmt = (
+            sa.update(jobs)
+            .where(*_owned(job_id, worker_id))
+            .values(result=dump_json({"progress": progress}), updated_at=now)
+        )
         with self._engine.begin() as conn:
             return conn.execute(stmt).rowcount == 1
 

@@ -15,25 +15,20 @@ from typing import Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.dimse_socket import set_tcp_nodelay
-from dicom_ai_node.errors import InvalidDicomError, StorageError
 from dicom_ai_node.metrics import NodeMetrics
-from dicom_ai_node.persistence.repository import InstanceRecord, SeriesRepository
+from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.receive.allowlist import PeerAllowList
 from dicom_ai_node.receive.conformance import (
     ACCEPTED_TRANSFER_SYNTAXES,
     IMAGE_STORAGE_SOP_CLASSES,
     REJECT_CALLING_AE,
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_DOES_NOT_MATCH,
-    STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
-from dicom_ai_node.receive.header import read_header
+from dicom_ai_node.receive.ingest import ingest_file
 from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -84,58 +79,15 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
 
 def _store(event: Event, ctx: StoreContext) -> tuple[int, int]:
     """(DIMSE status, bytes of the instance when answered Success else 0)."""
-    calling_ae = str(event.assoc.requestor.ae_title).strip()
-    sop_instance_uid = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
-    if not ctx.spool.has_space(ctx.reserve_bytes):
-        log.error("refusing SOP %s from %s: spool disk under its reserve", sop_instance_uid, calling_ae)
-        return STATUS_OUT_OF_RESOURCES, 0
-    tmp_path = Path(event.dataset_path)
-    try:
-        uids, attrs, transfer_syntax = read_header(tmp_path)
-    except InvalidDicomError as exc:
-        status = STATUS_DATASET_DOES_NOT_MATCH if str(exc).startswith("missing") else STATUS_CANNOT_UNDERSTAND
-        log.warning("rejected SOP %s from %s with 0x%04X: %s", sop_instance_uid, calling_ae, status, exc)
-        return status, 0
-    if uids["SOPInstanceUID"] != sop_instance_uid:
-        log.warning(
-            "SOP %s from %s: dataset says SOPInstanceUID %s; storing under the dataset's",
-            sop_instance_uid,
-            calling_ae,
-            uids["SOPInstanceUID"],
-        )
-    size = tmp_path.stat().st_size
-    try:
-        spool_path = ctx.spool.commit_file(tmp_path)
-    except StorageError as exc:
-        log.error("cannot spool SOP %s from %s: %s", sop_instance_uid, calling_ae, exc)
-        return STATUS_OUT_OF_RESOURCES, 0
-    record = InstanceRecord(
-        sop_instance_uid=uids["SOPInstanceUID"],
-        sop_class_uid=uids["SOPClassUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        transfer_syntax_uid=transfer_syntax,
-        spool_path=spool_path,
-        size_bytes=size,
-        calling_ae=calling_ae,
-        modality=str(attrs.get("Modality", "")),
-        body_part_examined=str(attrs.get("BodyPartExamined", "")),
-        series_description=str(attrs.get("SeriesDescription", "")),
-        header=attrs,
+    result = ingest_file(
+        Path(event.dataset_path),
+        calling=str(event.assoc.requestor.ae_title).strip(),
+        spool=ctx.spool,
+        repo=ctx.repo,
+        reserve_bytes=ctx.reserve_bytes,
+        announced_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "")),
     )
-    try:
-        is_new = ctx.repo.record_instance(record)
-    except SQLAlchemyError as exc:
-        ctx.spool.remove(spool_path)
-        log.error(
-            "database error storing SOP %s from %s: %s", sop_instance_uid, calling_ae, type(exc).__name__
-        )
-        return STATUS_OUT_OF_RESOURCES, 0
-    if not is_new:
-        # Duplicates are stored once (as Orthanc does) and still answered Success.
-        ctx.spool.remove(spool_path)
-        log.info("duplicate SOP %s from %s kept once", sop_instance_uid, calling_ae)
-    return STATUS_SUCCESS, size
+    return result.status, result.size_bytes
 
 
 def build_storage_ae(settings: NodeSettings) -> AE:

@@ -137,7 +137,8 @@ def test_cancel_only_queued_or_failed_jobs(queue: JobQueue, clock: FakeClock) ->
 
 def test_stats_per_kind(queue: JobQueue, clock: FakeClock) -> None:
     empty = QueueStats(depth=0, oldest_age_s=0.0)
-    assert queue.stats() == {"infer": empty, "deliver": empty}
+    # Every job kind is present, with or without jobs.
+    assert queue.stats() == {"infer": empty, "deliver": empty, "pull": empty}
     first = _infer(queue, CT_UID, "r", "m")
     clock.advance(30)
     _infer(queue, MR_UID, "r", "m")
@@ -149,10 +150,11 @@ def test_stats_per_kind(queue: JobQueue, clock: FakeClock) -> None:
     assert queue.stats() == {
         "infer": QueueStats(depth=2, oldest_age_s=40.0),
         "deliver": QueueStats(depth=1, oldest_age_s=10.0),
+        "pull": empty,
     }
     queue.claim("w2", [INFER], 60)  # the oldest infer job is running now: no longer waiting
     queue.cancel(waiting)
-    assert queue.stats() == {"infer": QueueStats(depth=1, oldest_age_s=10.0), "deliver": empty}
+    assert queue.stats() == {"infer": QueueStats(depth=1, oldest_age_s=10.0), "deliver": empty, "pull": empty}
 
 
 def test_children_are_the_deliver_jobs_of_an_infer_job(queue: JobQueue) -> None:

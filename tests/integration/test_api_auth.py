@@ -16,6 +16,8 @@ from dicom_ai_node.domain.catalog import AuthSettings
 from tests.support.admin_api import CT_SERIES, PASSWORD, ApiEnv, make_api
 
 OPEN, ANY = "open", "any"
+# STOW-RS receive: an API token (never a page session) whose role may store: sender, operator or admin.
+STOW = "stow"
 VIEWER, OPERATOR, ADMIN = Role.VIEWER, Role.OPERATOR, Role.ADMIN
 
 # (method, path) -> who may call it. "any": any signed-in user; /metrics is open only to allowed networks.
@@ -53,6 +55,9 @@ ROUTES: dict[tuple[str, str], str | Role] = {
     ("GET", "/api/rules/{rule_id}/diff"): VIEWER,
     ("GET", "/api/destinations"): VIEWER,
     ("POST", "/api/destinations/{name}/test"): OPERATOR,
+    ("GET", "/api/sources"): VIEWER,
+    ("POST", "/api/sources/{name}/find"): OPERATOR,
+    ("POST", "/api/pull"): OPERATOR,
     ("GET", "/api/models"): VIEWER,
     ("GET", "/api/audit"): ADMIN,
     ("GET", "/api/audit/export"): ADMIN,
@@ -62,6 +67,8 @@ ROUTES: dict[tuple[str, str], str | Role] = {
     ("GET", "/api/tokens"): ADMIN,
     ("POST", "/api/tokens"): ADMIN,
     ("POST", "/api/tokens/{token_id}/revoke"): ADMIN,
+    ("POST", "/dicom-web/studies"): STOW,
+    ("POST", "/dicom-web/studies/{study}"): STOW,
 }
 PATH_VALUES = {
     "job_id": "1",
@@ -71,6 +78,7 @@ PATH_VALUES = {
     "name": "pacs",
     "token_id": "1",
     "username": "viewer",
+    "study": "1.2.3",
 }
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 LOWER = {OPERATOR: VIEWER, ADMIN: OPERATOR}
@@ -132,6 +140,11 @@ def test_a_role_too_low_is_403_on_every_route_and_audited(env: ApiEnv) -> None:
         r = env.client().request(method, _url(path), headers=headers[LOWER[who]])
         assert r.status_code == 403 and r.json() == {"detail": f"needs role {who.value}"}, (method, path)
         checked += 1
+    for method, path, who in _protected():
+        if who == STOW:  # the one right a viewer lacks that a sender has
+            r = env.client().request(method, _url(path), headers=headers[VIEWER])
+            assert r.status_code == 403 and r.json() == {"detail": "needs role sender, operator or admin"}
+            checked += 1
     denied = env.ctx.audit.list_events(action="auth.denied", limit=1000)
     assert len(denied) == checked and {e.outcome for e in denied} == {"denied"}
     # And the viewer, signed in with the page's cookie and CSRF token, on every write.
@@ -152,8 +165,11 @@ def test_a_role_too_low_is_403_on_every_route_and_audited(env: ApiEnv) -> None:
 def test_session_writes_need_the_csrf_token(env: ApiEnv) -> None:
     client = env.client()
     csrf = env.sign_in(client, "admin")
-    unsafe = [(m, p) for m, p, _ in _protected() if m in UNSAFE]
+    unsafe = [(m, p) for m, p, who in _protected() if m in UNSAFE and who != STOW]
     assert len(unsafe) > 15
+    # STOW-RS takes no session at all (so CSRF does not arise): a signed-in page gets 401.
+    for method, path, _ in [r for r in _protected() if r[2] == STOW]:
+        assert client.request(method, _url(path), headers={"X-CSRF-Token": csrf}).status_code == 401
     for method, path in unsafe:
         missing = client.request(method, _url(path))
         assert missing.status_code == 403 and missing.json() == {"detail": "CSRF token missing or wrong"}, (

@@ -164,6 +164,7 @@ def test_users_create_update(env: ApiEnv, admin: TestClient) -> None:
         "admin",
         "operator",
         "viewer",
+        "sender",  # make_api makes one user per role
         "dr.who",
     }
     other = env.client()

@@ -80,11 +80,10 @@ def get_job(job_id: IdPath, ctx: CtxDep, _: Viewer) -> JobDetail:
         related = [infer] if infer is not None else []
     uid = job.series_instance_uid or job.payload.get("series_instance_uid")
     series = ctx.repo.get_series(uid) if isinstance(uid, str) else None
-    steps = build_timeline(infer, series, deliveries)
+    # A pull job has no stage timeline of its own: its progress is in `result` (the page shows it).
+    steps = [] if job.kind == JobKind.PULL else build_timeline(infer, series, deliveries)
     return JobDetail(
         **JobPublic.model_validate(job).model_dump(),
-        payload=job.payload,
-        result=job.result,
         results=[ResultPublic.model_validate(r) for r in ctx.repo.results_of_job(job.id)],
         timeline=[TimelineStepPublic.model_validate(s) for s in steps],
         related=[JobPublic.model_validate(j) for j in related],

@@ -8,8 +8,9 @@ from importlib import resources
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from dicom_ai_node.api.deps import CtxDep, client_ip, current_principal
+from dicom_ai_node.api.deps import CtxDep, client_ip, current_principal, require_role
 from dicom_ai_node.api.schemas import CheckPublic, Health, Readiness
+from dicom_ai_node.domain.auth import Role
 from dicom_ai_node.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["system"])
@@ -56,9 +57,10 @@ def _in_allowed_network(host: str, networks: tuple[str, ...] | list[str]) -> boo
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
 def metrics(request: Request, ctx: CtxDep) -> Response:
-    """Open to scrapers in `metrics_allowed_networks`; anyone else signs in (any role)."""
+    """Open to scrapers in `metrics_allowed_networks`; anyone else signs in with a reading role (a STOW
+    sender token may store, not read)."""
     if not _in_allowed_network(client_ip(request), ctx.auth.metrics_allowed_networks):
-        current_principal(request, ctx)
+        require_role(Role.VIEWER)(request, ctx, current_principal(request, ctx))
     if ctx.metrics is None:
         return Response("# metrics are disabled\n", media_type="text/plain")
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

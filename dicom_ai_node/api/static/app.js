@@ -9,6 +9,7 @@ import { renderSeriesList, renderSeries } from "./js/views/series.js";
 import { renderRules } from "./js/views/rules.js";
 import { renderRuleEditor } from "./js/views/rule-editor.js";
 import { renderDestinations } from "./js/views/destinations.js";
+import { renderPacs } from "./js/views/pacs.js";
 import { renderModels } from "./js/views/models.js";
 import { renderAudit } from "./js/views/audit.js";
 import { renderUsers } from "./js/views/users.js";
@@ -18,6 +19,7 @@ const NAV = [
   ["series", "Series"],
   ["rules", "Rules"],
   ["destinations", "Destinations"],
+  ["pacs", "PACS"],
   ["models", "Models"],
   ["audit", "Audit", "admin"],
   ["users", "Users", "admin"],
@@ -33,6 +35,7 @@ const ROUTES = [
   [/^\/rules\/(.+)$/, (el, m, q) => renderRuleEditor(el, decodeURIComponent(m[1]), q)],
   [/^\/rules$/, (el, m, q) => renderRules(el, q)],
   [/^\/destinations$/, (el, m, q) => renderDestinations(el, q)],
+  [/^\/pacs$/, (el, m, q) => renderPacs(el, q)],
   [/^\/models$/, (el, m, q) => renderModels(el, q)],
   [/^\/audit$/, (el, m, q) => renderAudit(el, q)],
   [/^\/users$/, (el, m, q) => renderUsers(el, q)],

@@ -4,6 +4,7 @@
 import { get, notify, post, writeButton } from "../api.js";
 import { empty, facts, fmtClock, fmtDuration, fmtTime, h, replace, shortUid, statusBadge, table, when } from "../dom.js";
 import { autoRefresh, pageHeader } from "../ui.js";
+import { pullProgress } from "./pacs.js";
 import { jobField, jobRow } from "./jobs.js";
 
 export const STAGES = ["received", "complete", "routed", "inferred", "encoded", "delivered", "verified"];
@@ -161,7 +162,8 @@ export async function renderJob(main, id) {
     replace(
       top,
       h("div.job-title", h("span.kind", job.kind), statusBadge(job.status, "job-status"),
-        job.result && job.result.verified === true ? h("span.verified", { test: "job-verified" }, "✓ delivered, verified") : null),
+        job.result && job.result.verified === true ? h("span.verified", { test: "job-verified" }, "✓ delivered, verified") : null,
+        pullProgress(job)),
     );
     replace(
       actions,

@@ -5,7 +5,7 @@ import { dateToIso, debounce, empty, h, replace, select, shortUid, statusBadge, 
 import { autoRefresh, catalogs, field, pageHeader, setQuery } from "../ui.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "dead", "cancelled"];
-const KINDS = ["", "infer", "deliver"];
+const KINDS = ["", "infer", "deliver", "pull"];
 const PAGE = 100;
 const FILTER_KEYS = ["status", "kind", "modality", "rule_id", "model", "since", "until", "series_instance_uid"];
 

@@ -4,7 +4,8 @@ import { ApiError, get, notify, patch, post, session, writeButton } from "../api
 import { empty, fmtTime, h, replace, select, table } from "../dom.js";
 import { field, pageHeader } from "../ui.js";
 
-const ROLES = ["viewer", "operator", "admin"];
+// sender: STOW-RS senders (store instances, read nothing; give them a token, not a page sign-in).
+const ROLES = ["sender", "viewer", "operator", "admin"];
 
 export async function renderUsers(main) {
   const usersBox = h("div");
