@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.dcmtk import storescp, storescu  # noqa: E402
-from tests.support.node import NodeProcess, free_port  # noqa: E402
-from tests.support.synthetic import write_ct_series  # noqa: E402
+from dicom_ai_node.devtools.dcmtk import storescp, storescu
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.ports import free_port
+from dicom_ai_node.devtools.synthetic import write_ct_series
 
 
 def timed_storescu(files_dir: Path, port: int, called: str) -> float:

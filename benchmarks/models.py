@@ -22,11 +22,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from typing import cast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nibabel as nib
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import generate_uid
 
-import numpy as np  # noqa: E402
+from dicom_ai_node.devtools.datasets import CH2_PATH, lung_nrrd_path, nrrd_voxel_to_patient
+from dicom_ai_node.infer.volume import Volume
 
 TARGET_S = 30.0
 CASES = {
@@ -35,18 +39,13 @@ CASES = {
 }
 
 
-def _ct_volume():  # type: ignore[no-untyped-def]
+def _ct_volume() -> Volume:
     import nrrd
     import torch
     import torch.nn.functional as F
-    from pydicom import Dataset
-    from pydicom.uid import generate_uid
-
-    from dicom_ai_node.infer.volume import Volume
-    from tests.support.datasets import _nrrd_voxel_to_patient, lung_nrrd_path
 
     hu, header = nrrd.read(str(lung_nrrd_path("lung1_image.nrrd")))
-    affine = _nrrd_voxel_to_patient(header)
+    affine = nrrd_voxel_to_patient(header)
     frames = 300
     source = torch.from_numpy(np.ascontiguousarray(hu.transpose(2, 1, 0), dtype=np.float32))
     # (frames, rows, cols) -> (300, rows, cols): linear along z only, in-plane untouched.
@@ -56,23 +55,18 @@ def _ct_volume():  # type: ignore[no-untyped-def]
     array = resized.reshape(source.shape[1], source.shape[2], frames).permute(2, 0, 1).contiguous().numpy()
     affine = affine.copy()
     affine[:3, 2] *= (source.shape[0] - 1) / (frames - 1)
-    return _volume(Volume, Dataset, generate_uid, array, affine, "CT")
+    return _volume(array, affine, "CT")
 
 
-def _mr_volume():  # type: ignore[no-untyped-def]
-    import nibabel as nib
-    from pydicom import Dataset
-    from pydicom.uid import generate_uid
-
-    from dicom_ai_node.infer.volume import Volume
-
-    image = nib.load("/usr/share/mricron/templates/ch2.nii.gz")
+def _mr_volume() -> Volume:
+    image = cast(nib.Nifti1Image, nib.load(CH2_PATH))
     data = np.asarray(image.get_fdata(dtype=np.float32))
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine
-    return _volume(Volume, Dataset, generate_uid, np.ascontiguousarray(data.transpose(2, 1, 0)), affine, "MR")
+    return _volume(np.ascontiguousarray(data.transpose(2, 1, 0)), affine, "MR")
 
 
-def _volume(Volume, Dataset, generate_uid, array, affine, modality):  # type: ignore[no-untyped-def]
+def _volume(array: np.ndarray, affine: np.ndarray, modality: str) -> Volume:
+    """A Volume (frames, rows, cols) with minimal headers: what a model's segment() reads."""
     series_uid = generate_uid()
     headers = []
     for _ in range(array.shape[0]):

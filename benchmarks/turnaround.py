@@ -11,26 +11,23 @@ the results in Orthanc (0.1 s resolution).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.datasets import ch2_mr_series, lung_ct_series  # noqa: E402
-from tests.support.dcmtk import storescu  # noqa: E402
-from tests.support.node import NodeProcess  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
-from tests.support.stack import orthanc_with_node  # noqa: E402
+from dicom_ai_node.devtools.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.stack import orthanc_with_node
 
 
 def ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
-def run_case(name: str, series, orthanc: OrthancServer, node: NodeProcess) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def run_case(name: str, series: SeriesInfo, orthanc: OrthancServer, node: NodeProcess) -> dict[str, float]:
     storescu(list(series.paths), orthanc.aet, orthanc.dicom_port)
     t_last = time.time()  # storescu returned: the last instance is stored in Orthanc
     while True:

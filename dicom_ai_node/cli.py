@@ -15,9 +15,11 @@ import typer
 from dicom_ai_node import __version__
 from dicom_ai_node.cli_admin import register_rules_commands, tokens_app, users_app
 from dicom_ai_node.cli_db import db_app
+from dicom_ai_node.cli_demo import demo_command
 from dicom_ai_node.cli_pull import register_pull_commands
 from dicom_ai_node.config import NodeSettings, load_settings
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
+from dicom_ai_node.domain.payloads import PayloadError
 from dicom_ai_node.errors import ConfigError, DeliveryError, InvalidDicomError, RuleError
 from dicom_ai_node.evaluate.cli import evaluate_command
 from dicom_ai_node.training.cli import train_app
@@ -40,6 +42,7 @@ app.add_typer(tokens_app, name="tokens")
 register_rules_commands(rules_app)
 register_pull_commands(app)
 app.command("evaluate")(evaluate_command)
+app.command("demo")(demo_command)
 
 ConfigOption = Annotated[
     Path | None,
@@ -383,7 +386,11 @@ def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
 def jobs_rerun(job_id: int, config: ConfigOption = None) -> None:
     """Run a finished job again (same UIDs: its results replace, not duplicate, in the PACS)."""
     services = _read_services(config)
-    new_id = services.queue.rerun(job_id)
+    try:
+        new_id = services.queue.rerun(job_id)
+    except PayloadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     if new_id is None:
         typer.echo(f"error: job {job_id} has not finished (or does not exist)", err=True)
         raise typer.Exit(1)
@@ -484,7 +491,7 @@ def models_verify(
         try:
             manifest = registry.manifest(name)
             if manifest.format == "monai-bundle":
-                from dicom_ai_node.infer.bundle import verify_bundle
+                from dicom_ai_node.infer.bundle_manifest import verify_bundle
 
                 problems = verify_bundle(manifest)
             else:

@@ -24,12 +24,11 @@ import typer
 from dicom_ai_node.domain.auth import Role
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
-
     from dicom_ai_node.config import NodeSettings
     from dicom_ai_node.node import Services
     from dicom_ai_node.persistence.accounts import AccountRepository, ApiToken, User
     from dicom_ai_node.persistence.audit import AuditLog
+    from dicom_ai_node.persistence.db import Engine
     from dicom_ai_node.persistence.rules_store import RuleVersion
 
 users_app = typer.Typer(help="Users of the admin page and API.", no_args_is_help=True)
@@ -67,7 +66,7 @@ def _settings(config: Path | None) -> NodeSettings:
     return load(config)
 
 
-def _check_engine(settings: NodeSettings) -> sa.Engine:
+def _check_engine(settings: NodeSettings) -> Engine:
     """The node's database, only if its schema is current; never creates the file or alters tables."""
     from dicom_ai_node.persistence.db import SchemaOutOfDateError, check_schema, make_engine, sqlite_path
 
@@ -85,12 +84,12 @@ def _check_engine(settings: NodeSettings) -> sa.Engine:
 
 @contextmanager
 def _database_errors() -> Iterator[None]:
-    import sqlalchemy as sa
+    from dicom_ai_node.errors import DatabaseError
 
     try:
         yield
-    except sa.exc.OperationalError as exc:
-        _fail(f"cannot use the database: {str(exc.orig).strip()}")
+    except DatabaseError as exc:
+        _fail(str(exc))
 
 
 @dataclass
@@ -246,7 +245,7 @@ def tokens_create(
     config: ConfigOption = None,
 ) -> None:
     """Create an API token. The secret is printed once, alone on standard output (for scripts)."""
-    from dicom_ai_node.persistence._common import utcnow
+    from dicom_ai_node.domain.clock import utcnow
 
     expires_at = utcnow() + timedelta(days=expires_days) if expires_days is not None else None
     with _open_accounts(config) as db:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
+    from dicom_ai_node.persistence.db import Engine
 
 db_app = typer.Typer(help="The database schema (migrations).", no_args_is_help=True)
 
@@ -23,7 +23,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _engine(config: Path | None, *, create: bool) -> sa.Engine:
+def _engine(config: Path | None, *, create: bool) -> Engine:
     from dicom_ai_node.cli import _settings
     from dicom_ai_node.persistence.db import make_engine, sqlite_path
 
@@ -38,18 +38,14 @@ def _engine(config: Path | None, *, create: bool) -> sa.Engine:
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Bring the database schema to this version's head (creates the database's tables when empty)."""
-    import sqlalchemy as sa
-
     from dicom_ai_node.errors import NodeError
     from dicom_ai_node.persistence.db import upgrade_schema
 
     engine = _engine(config, create=True)
     try:
         before, after = upgrade_schema(engine)
-    except NodeError as exc:
+    except NodeError as exc:  # DatabaseError included: its message says what the driver said
         raise _fail(str(exc)) from exc
-    except sa.exc.OperationalError as exc:
-        raise _fail(f"cannot use the database: {exc.orig}") from exc
     finally:
         engine.dispose()
     if before == after:
@@ -61,18 +57,14 @@ def db_upgrade(config: ConfigOption = None) -> None:
 @db_app.command("current")
 def db_current(config: ConfigOption = None) -> None:
     """Show the database's schema revision and this version's head; exit 1 when the database is behind."""
-    import sqlalchemy as sa
-
     from dicom_ai_node.errors import NodeError
     from dicom_ai_node.persistence.db import schema_state
 
     engine = _engine(config, create=False)
     try:
         state = schema_state(engine)
-    except NodeError as exc:
+    except NodeError as exc:  # DatabaseError included: its message says what the driver said
         raise _fail(str(exc)) from exc
-    except sa.exc.OperationalError as exc:
-        raise _fail(f"cannot use the database: {exc.orig}") from exc
     finally:
         engine.dispose()
     note = " (created before migrations; not stamped yet)" if state.unversioned else ""

@@ -35,6 +35,14 @@ class InvalidDicomError(PermanentError):
     """A received or spooled object is not readable DICOM, or a series is not one regular grid."""
 
 
+class DatabaseError(TransientError):
+    """The database could not be used (unreachable, connection lost, locked, disk I/O error).
+
+    persistence/ raises it in place of the driver's error, so no other package needs SQLAlchemy's
+    exception types; the message is the driver's one line, never an SQL statement or its parameters.
+    """
+
+
 class StorageError(NodeError):
     """The spool could not durably store a file (disk full, I/O error)."""
 

@@ -17,6 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.domain.jobs import JobKind, RetryPolicy
+from dicom_ai_node.domain.payloads import DeliverPayload, InferPayload, PullPayload
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry
 from dicom_ai_node.metrics import NodeMetrics
@@ -36,9 +37,10 @@ from dicom_ai_node.route.completion import CompletionSweep
 from dicom_ai_node.rules_file import load_rules
 from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import Spool
+from dicom_ai_node.worker.context import StageContext
 from dicom_ai_node.worker.pull_stage import run_pull
-from dicom_ai_node.worker.runner import Worker
-from dicom_ai_node.worker.stages import StageContext, run_deliver, run_infer
+from dicom_ai_node.worker.runner import JobHandler, Worker
+from dicom_ai_node.worker.stages import run_deliver, run_infer
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def _open_database(url: str, migrate: Literal["upgrade", "check"]) -> Any:
 
 
 def build_scheduler(services: Services, completion_sweep: bool = True) -> BackgroundScheduler:
-    """In-process, idempotent DB sweeps only (notes/reliability-security.md on APScheduler).
+    """In-process, idempotent DB sweeps only (docs/architecture.md, "Idempotent sweeps").
 
     Every process recovers stalled jobs; a worker-only process (`completion_sweep=False`) leaves routing
     and retention to the receiving nodes.
@@ -195,10 +197,12 @@ def build_workers(
         services.settings, services.repo, services.queue, services.spool, inference, __version__, metrics
     )
     puller = Puller(services.settings, services.spool, services.repo)
-    handlers = {
-        JobKind.INFER: lambda job: run_infer(job, ctx),
-        JobKind.DELIVER: lambda job: run_deliver(job, ctx),
-        JobKind.PULL: lambda job: run_pull(job, puller, services.queue),
+    handlers: dict[JobKind, JobHandler[Any]] = {
+        JobKind.INFER: JobHandler(InferPayload, lambda job, payload: run_infer(job, payload, ctx)),
+        JobKind.DELIVER: JobHandler(DeliverPayload, lambda job, payload: run_deliver(job, payload, ctx)),
+        JobKind.PULL: JobHandler(
+            PullPayload, lambda job, payload: run_pull(job, payload, puller, services.queue)
+        ),
     }
     w = services.settings.worker
     return [

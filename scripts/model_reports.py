@@ -52,7 +52,14 @@ def write_reference_seg(
     headers = [dcmread(p, stop_before_pixels=True) for p in series_paths]
     uids = result_uids(str(headers[0].SeriesInstanceUID), REFERENCE, RULE)
     seg = encode_seg(
-        headers, label_map, segments, REFERENCE, RULE, OutputIdentity(), uids, omit_empty_frames=False
+        source_datasets=headers,
+        label_map=label_map,
+        segments=segments,
+        model=REFERENCE,
+        rule=RULE,
+        identity=OutputIdentity(),
+        uids=uids,
+        omit_empty_frames=False,
     )
     assert seg is not None, "reference mask is empty"
     (case_dir / "reference").mkdir(parents=True, exist_ok=True)
@@ -60,7 +67,7 @@ def write_reference_seg(
 
 
 def brain_set(dataset: Path) -> Path:
-    from tests.support.datasets import ch2_mr_series
+    from dicom_ai_node.devtools.datasets import ch2_mr_series
 
     case = dataset / "ch2"
     info = ch2_mr_series(case / "series")
@@ -74,8 +81,8 @@ def brain_set(dataset: Path) -> Path:
 
 
 def lung_set(dataset: Path) -> Path:
+    from dicom_ai_node.devtools.datasets import lung_ct_series
     from dicom_ai_node.training.data import load_reference
-    from tests.support.datasets import lung_ct_series
 
     segments = [
         SegmentSpec(1, "Right lung", SCT_ANATOMICAL_STRUCTURE, SCT_RIGHT_LUNG, (80, 180, 250)),

@@ -6,13 +6,19 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 
 from dicom_ai_node.config import AllowedPeer, NodeSettings
 from dicom_ai_node.persistence.db import create_schema, make_engine
+
+if TYPE_CHECKING:
+    from dicom_ai_node.node import Services
+    from dicom_ai_node.receive.scp import StorageSCP
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -43,17 +49,28 @@ def node_settings(tmp_path: Path) -> NodeSettings:
     )
 
 
+@dataclass(frozen=True)
+class RunningScp:
+    """The in-process StorageSCP of the `running_scp` fixture and the services it stores into."""
+
+    scp: StorageSCP
+    services: Services
+
+    @property
+    def port(self) -> int:
+        return self.scp.port
+
+
 @pytest.fixture
-def running_scp(node_settings: NodeSettings) -> Iterator[object]:
+def running_scp(node_settings: NodeSettings) -> Iterator[RunningScp]:
     from dicom_ai_node.node import build_services
     from dicom_ai_node.receive.scp import StorageSCP
 
     services = build_services(node_settings, migrate="upgrade")
     scp = StorageSCP(node_settings, services.spool, services.repo)
     scp.start()
-    scp.services = services  # type: ignore[attr-defined]
     try:
-        yield scp
+        yield RunningScp(scp, services)
     finally:
         scp.stop()
 

@@ -18,8 +18,8 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_ai_node.dimse_socket import set_tcp_nodelay
+from dicom_ai_node.domain.conformance import VERIFICATION_SOP_CLASS
 from dicom_ai_node.errors import InvalidDicomError, PermanentDeliveryError, TransientDeliveryError
-from dicom_ai_node.receive.conformance import VERIFICATION_SOP_CLASS
 
 log = logging.getLogger(__name__)
 

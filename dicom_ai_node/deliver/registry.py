@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from dicom_ai_node.config import Destination
 from dicom_ai_node.deliver import dimse, stowrs
 from dicom_ai_node.deliver.dimse import DicomPeer, StoreReport
+from dicom_ai_node.domain.peers import Destination
 from dicom_ai_node.errors import PermanentDeliveryError
 
 

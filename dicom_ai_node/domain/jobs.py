@@ -51,8 +51,8 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class PullRequest:
-    """Pull a study (or one series of it) from a configured source. UIDs and the source name only: the
-    payload is shown in the admin page."""
+    """Pull a study (or one series of it) from a configured source; its job's payload is a
+    domain.payloads.PullPayload (UIDs and the source name only: the admin page shows it)."""
 
     source: str
     study_instance_uid: str
@@ -61,12 +61,6 @@ class PullRequest:
     # Pulls go before routine work of the same priority: an operator is usually waiting for them.
     PRIORITY = 20
     MAX_ATTEMPTS = 3
-
-    def payload(self) -> dict[str, str]:
-        payload = {"source": self.source, "study_instance_uid": self.study_instance_uid}
-        if self.series_instance_uid:
-            payload["series_instance_uid"] = self.series_instance_uid
-        return payload
 
     def dedupe_key(self) -> str:
         """At most one unfinished pull per key (JobQueue.enqueue_while_unfinished)."""

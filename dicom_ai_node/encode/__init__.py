@@ -2,10 +2,14 @@
 
 Typical use by the worker::
 
-    uids = result_uids(series_uid, model, rule, revision)
-    seg = encode_seg(headers, label_map, segments, model, rule, identity, uids)   # None: nothing found
+    uids = result_uids(series_uid, model, rule, revision=revision)
+    common = dict(source_datasets=headers, model=model, rule=rule, identity=identity, uids=uids)
+    seg = encode_seg(label_map=label_map, segments=segments, **common)   # None: nothing found
     measurements = measure(label_map, segments, voxel_mm3)   # from the volume loader's geometry
-    sr = encode_sr(headers, seg, measurements, model, rule, identity, uids, segments=segments)
+    sr = encode_sr(seg=seg, measurements=measurements, segments=segments, **common)
+
+The encoders take keyword arguments only: several of their parameters share a type (identities,
+sequences of datasets or specs), and a swapped positional argument would still type-check.
 """
 
 from dicom_ai_node.encode.io import write_dataset

@@ -46,13 +46,13 @@ def finding_tracking_uid(uids: ResultUids, finding_code: str) -> str:
 
 
 def encode_classification_sr(
+    *,
     source_datasets: Sequence[Dataset],
     findings: Sequence[FindingResult],
     model: ModelIdentity,
     rule: RuleIdentity,
     identity: OutputIdentity,
     uids: ResultUids,
-    *,
     revision: int = 1,
     predecessor: Dataset | None = None,
 ) -> Dataset:

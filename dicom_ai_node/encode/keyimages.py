@@ -86,6 +86,7 @@ def _patient_orientation(ds: Dataset) -> tuple[str, str]:
 
 
 def encode_key_images(
+    *,
     values: npt.NDArray[np.floating],
     source_datasets: Sequence[Dataset],
     label_map: npt.NDArray[np.integer],

@@ -95,6 +95,7 @@ def _one_hot(segment_array: npt.NDArray[np.integer], n_segments: int) -> npt.NDA
 
 
 def encode_seg(
+    *,
     source_datasets: Sequence[Dataset],
     label_map: npt.NDArray[np.integer],
     segments: Sequence[SegmentSpec],
@@ -102,7 +103,6 @@ def encode_seg(
     rule: RuleIdentity,
     identity: OutputIdentity,
     uids: ResultUids,
-    *,
     omit_empty_frames: bool = True,
     revision: int = 1,
     seg_format: SegFormat = "auto",

@@ -63,6 +63,7 @@ _PROCEDURE_BY_MODALITY: dict[str, Code] = {
 
 
 def encode_sr(
+    *,
     source_datasets: Sequence[Dataset],
     seg: Dataset | None,
     measurements: Sequence[SegmentMeasurement],
@@ -70,7 +71,6 @@ def encode_sr(
     rule: RuleIdentity,
     identity: OutputIdentity,
     uids: ResultUids,
-    *,
     segments: Sequence[SegmentSpec] | None = None,
     revision: int = 1,
     predecessor: Dataset | None = None,

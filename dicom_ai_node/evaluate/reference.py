@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 
 from dicom_ai_node.domain.results import SegmentSpec
-from dicom_ai_node.errors import NodeError
+from dicom_ai_node.encode.seg_reader import SegmentationReader
+from dicom_ai_node.errors import InvalidDicomError, NodeError
 from dicom_ai_node.evaluate.images import read_image_grid
 from dicom_ai_node.infer.volume import Volume
 
@@ -66,28 +66,22 @@ def seg_reference(
 ) -> Reference:
     """Read a reference DICOM SEG onto `volume`'s grid."""
     try:
-        seg = hd.seg.segread(seg_path)
-    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
-        raise DatasetError(f"{seg_path.name}: not a readable DICOM SEG: {exc}") from exc
-    reference = Reference(masks={}, source=f"SEG {seg.SOPInstanceUID}")
+        seg = SegmentationReader(seg_path)
+    except InvalidDicomError as exc:
+        raise DatasetError(str(exc)) from exc
+    reference = Reference(masks={}, source=f"SEG {seg.sop_instance_uid}")
     groups: dict[int, list[int]] = {}
-    for number in seg.segment_numbers:
-        description = seg.get_segment_description(number)
-        label = str(description.segment_label)
-        prop = description.segmented_property_type
+    for segment in seg.segments:
+        number, label = segment.number, segment.label
         if _ignored(mapping, (label, number)):
             continue
         spec = _match(
-            mapping,
-            keys=(label, number),
-            segments=segments,
-            code=(str(prop.value), str(prop.scheme_designator)),
-            label=label,
+            mapping, keys=(label, number), segments=segments, code=segment.property_type, label=label
         )
         if spec is None:
             reference.notes.append(f"reference segment {number} '{label}' matches no model segment: ignored")
         else:
-            groups.setdefault(spec.label_value, []).append(int(number))
+            groups.setdefault(spec.label_value, []).append(number)
     if not groups:
         return reference
     numbers = sorted({n for group in groups.values() for n in group})
@@ -179,36 +173,24 @@ def _match(
 
 
 def _seg_channels(
-    seg: hd.seg.Segmentation, seg_path: Path, volume: Volume, numbers: list[int], reference: Reference
+    seg: SegmentationReader, seg_path: Path, volume: Volume, numbers: list[int], reference: Reference
 ) -> BoolArray:
     """(frames, rows, cols, len(numbers)) occupancy of the SEG segments `numbers` on the volume grid."""
     sop_uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
-    referenced = {str(uids[2]) for uids in seg.get_source_image_uids()}
     try:
-        if referenced & set(sop_uids):
-            # Frames of source instances the SEG does not list were omitted as empty (highdicom
-            # writes SEGs that way): they read as zeros.
-            pixels = seg.get_pixels_by_source_instance(
-                sop_uids, segment_numbers=numbers, assert_missing_frames_are_empty=True
-            )
-        elif str(seg.get("FrameOfReferenceUID", "")) == str(
-            volume.datasets[0].get("FrameOfReferenceUID", "-")
-        ):
-            seg_volume = seg.get_volume(segment_numbers=numbers)
-            pixels = resample_nearest(seg_volume.array, seg_volume.affine, volume)
+        if seg.referenced_sop_instance_uids & set(sop_uids):
+            pixels = seg.pixels_by_source_instance(sop_uids, numbers)
+        elif seg.frame_of_reference_uid == str(volume.datasets[0].get("FrameOfReferenceUID", "-")):
+            array, affine = seg.volume(numbers)
+            pixels = resample_nearest(array, affine, volume)
             reference.notes.append("the SEG references other instances: mapped by patient coordinates")
         else:
             raise DatasetError(
-                f"{seg_path.name}: SEG {seg.SOPInstanceUID} references neither the instances nor the frame "
+                f"{seg_path.name}: SEG {seg.sop_instance_uid} references neither the instances nor the frame "
                 f"of reference of series {volume.series_instance_uid}"
             )
-    except (ValueError, RuntimeError, KeyError, AttributeError, IndexError) as exc:
-        raise DatasetError(
-            f"{seg_path.name}: cannot map SEG {seg.SOPInstanceUID} onto the series: {exc}"
-        ) from exc
-    pixels = np.asarray(pixels)
-    if pixels.ndim == 3:  # one segment requested: some readers drop the channel axis
-        pixels = pixels[..., None]
+    except InvalidDicomError as exc:
+        raise DatasetError(str(exc)) from exc
     # FRACTIONAL SEGs come back as occupancy 0..1: a voxel is in the segment from half occupancy on.
     binary: BoolArray = pixels >= 0.5 if np.issubdtype(pixels.dtype, np.floating) else pixels > 0
     return binary

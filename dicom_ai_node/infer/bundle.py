@@ -10,26 +10,14 @@ A bundle directory is what the MONAI model zoo ships and what `monai.bundle` exp
     <bundle>/manifest.yaml             (the node's, optional) what a bundle does not say: SNOMED codes and
                                        colours per label, accepted modalities, licence, the weights' sha256
 
-The manifest (`manifest_from_bundle`): metadata.json gives name (the directory name), version, task,
-description, intended use, training data and the label names (`channel_def` of the first output);
-`manifest.yaml` next to configs/ is merged over that and wins. Decisions, all deliberate:
-- SNOMED codes are never invented. A bundle's metadata names its labels ("spleen") but has no coding
-  convention, and a DICOM SEG needs a coded Segmented Property Type whose meaning is the code's own; a
-  generic code ("Tissue") with the label as meaning would be a miscoded SEG that a PACS would file
-  wrongly. So a label without a code is a ConfigError that names the manifest.yaml keys to add.
-- sha256: bundle metadata has no checksum convention, so manifest.yaml pins the weights (and may pin
-  configs/inference.json too: its `$` expressions are Python run by MONAI, i.e. code). An unpinned bundle
-  still loads, with a warning at every load, so a team can try it on a test node; `verify_bundle` (the
-  check for `dicom-ai-node models verify` to run on bundles) refuses it: go-live needs a clean verify.
-- Only segmentation bundles: a classifier is added as TorchScript with a manifest (docs/user-models.md).
+Its manifest comes from bundle_manifest.py (metadata.json with the node's manifest.yaml merged over it).
 
 Running (`BundleModel`): `monai.bundle.ConfigWorkflow` reads inference.json + metadata.json with
 `bundle_root`, `device`, `dataset_dir`, `datalist` and `output_dir` overridden, and is initialised once
-(the bundle's "initialize" entries run once). The node loads the pinned network itself (state_dict with
-weights_only=True into the bundle's `network_def`, or the TorchScript archive), puts it into the config in
-place of `network`, and removes the bundle's CheckpointLoader handlers: the file read is the file whose
-sha256 was verified, and it is read once. The evaluator is instantiated once and stays warm (network,
-inferer, pre/postprocessing); per series only its data loader is replaced by one over the series' NIfTI
+(the bundle's "initialize" entries run once). The node loads the pinned network itself and puts it into
+the config in place of `network` (bundle_network.py): the file read is the file whose sha256 was
+verified, and it is read once. The evaluator is instantiated once and stays warm (network, inferer,
+pre/postprocessing); per series only its data loader is replaced by one over the series' NIfTI
 (with the bundle dataset's own transform, so Invertd finds the very transforms it must undo), and the
 bundle's "run" (or older "evaluating") entries run as `monai.bundle run` would. The result is the image
 the bundle's SaveImaged wrote (else the evaluator's postprocessed `pred`), mapped onto the exact source
@@ -44,10 +32,8 @@ expressions), so install bundles only from sources you trust, as you would insta
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -58,19 +44,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import ValidationError
 
 from dicom_ai_node.domain.results import ModelIdentity, SegmentSpec
 from dicom_ai_node.errors import ConfigError, InferenceError
-from dicom_ai_node.infer.manifest import (
-    MANIFEST_FILE,
-    InferenceSpec,
-    InputSpec,
-    ModelManifest,
-    Weights,
-    read_manifest_mapping,
-    verify_weights,
+from dicom_ai_node.infer.bundle_manifest import METADATA_FILE, data_keys, inference_file
+from dicom_ai_node.infer.bundle_network import (
+    install_network,
+    load_network,
+    network_path,
+    override_paths,
+    remove_checkpoint_loaders,
 )
+from dicom_ai_node.infer.manifest import ModelManifest, verify_weights
 from dicom_ai_node.infer.transfer import BUNDLE_WORKDIR_PREFIX
 from dicom_ai_node.infer.volume import Volume, mask_from_nifti_grid, to_nifti_ras
 
@@ -80,99 +65,10 @@ log = logging.getLogger(__name__)
 for _variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_variable, "1")
 
-METADATA_FILE = Path("configs") / "metadata.json"
-INFERENCE_FILES = (Path("configs") / "inference.json", Path("configs") / "inference.yaml")
-NETWORK_FILES = ("models/model.pt", "models/model.ts")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Affines equal to this (mm) are the same grid: NIfTI stores the affine as float32, so a source
 # affine that went through a saved file differs in the 6th-7th significant digit.
 _AFFINE_TOLERANCE_MM = 1e-3
-# Manifest keys that describe the node's own input preparation: a bundle does its own.
-_NOT_FOR_BUNDLES = ("input", "inference", "network", "entry")
-_NODE_SPECS: dict[str, type[InputSpec] | type[InferenceSpec]] = {
-    "input": InputSpec,
-    "inference": InferenceSpec,
-}
-# Default colours for labels whose manifest.yaml entry gives none (distinct, readable on grey).
-_PALETTE = ((255, 128, 0), (80, 180, 250), (250, 200, 80), (120, 220, 120), (230, 100, 200), (160, 120, 255))
-
-
-def manifest_from_bundle(path: Path) -> ModelManifest:
-    """The manifest of the bundle in `path`: configs/metadata.json, with manifest.yaml merged over it.
-
-    ConfigError names the file and the keys to add when something the node must know is missing (codes
-    for the labels, accepted modalities, licence) or the bundle is incomplete.
-    """
-    bundle = Path(path).resolve()
-    metadata = _read_metadata(bundle)
-    _inference_file(bundle)  # a bundle without its inference config cannot run: say so at discovery
-    overlay = _read_overlay(bundle)
-    for key in _NOT_FOR_BUNDLES:
-        # A complete manifest (e.g. one written from `models show`) carries the defaults: those are fine.
-        if _sets_node_key(key, overlay.get(key)):
-            raise ConfigError(
-                f"{bundle / MANIFEST_FILE}: {key}",
-                "a MONAI bundle prepares its input with its own configs/inference.json; remove this key",
-            )
-    outputs = _first_output(metadata)
-    labels = _channel_labels(outputs)
-    base: dict[str, Any] = {
-        "name": _slug(bundle.name),
-        "version": str(metadata.get("version", "")),
-        "task": _task(outputs),
-        "format": "monai-bundle",
-        "description": str(metadata.get("description") or metadata.get("name") or bundle.name),
-        "training_data": str(metadata.get("data_source") or "not stated in configs/metadata.json"),
-        "intended_use": str(metadata.get("intended_use") or "not stated in configs/metadata.json"),
-    }
-    licence = metadata.get("license") or metadata.get("licence")
-    if licence:
-        base["licence"] = str(licence)
-    modality = _input_modality(metadata)
-    if modality:
-        base["accepts"] = {"modalities": [modality]}
-    merged = {**base, **{k: v for k, v in overlay.items() if k != "outputs"}}
-    merged["outputs"] = _merge_outputs(labels, overlay.get("outputs") or {})
-    # The bundle's postprocessing turns logits into labels; the node applies no activation of its own.
-    merged["outputs"].setdefault("activation", "none")
-
-    missing = _missing_keys(merged, labels)
-    if missing:
-        raise ConfigError(
-            str(bundle / MANIFEST_FILE),
-            f"MONAI bundle {bundle.name}: configs/metadata.json does not say {'; '.join(missing)}. "
-            f"Add them in {MANIFEST_FILE} next to configs/ (see docs/user-models.md); the node does not "
-            "invent SNOMED codes.",
-        )
-    try:
-        manifest = ModelManifest.model_validate({**merged, "directory": bundle})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{bundle / MANIFEST_FILE}: {key}", str(first["msg"])) from exc
-    if manifest.task != "segmentation":
-        raise ConfigError(
-            f"{bundle / MANIFEST_FILE}: task",
-            "only segmentation bundles run as bundles; export a classifier as TorchScript with a manifest",
-        )
-    if not _pinned_network(manifest):
-        log.warning(
-            "MONAI bundle %s: no sha256 pinned for its network (%s): it loads, but `models verify` refuses it",
-            manifest.name,
-            " or ".join(NETWORK_FILES),
-        )
-    return manifest
-
-
-def verify_bundle(manifest: ModelManifest) -> list[str]:
-    """What stands between this bundle and go-live: unpinned network weights and any sha256 mismatch."""
-    problems = verify_weights(manifest)
-    if _pinned_network(manifest) is None:
-        problems.append(
-            f"no sha256 pinned for the network ({' or '.join(NETWORK_FILES)}): add weights: "
-            f"[{{file: models/model.pt, sha256: ...}}] to {MANIFEST_FILE}"
-        )
-    return problems
 
 
 class BundleModel:
@@ -211,7 +107,7 @@ class BundleModel:
         problems = verify_weights(manifest)
         if problems:
             raise InferenceError(f"model {manifest.name}: weights not verified: {'; '.join(problems)}")
-        network_file = _network_file(manifest)
+        network_file = network_path(manifest)
         if importlib.util.find_spec("ignite") is None:  # MONAI's evaluators are ignite engines
             raise InferenceError(
                 f"model {manifest.name}: MONAI bundle evaluators need pytorch-ignite (pip install pytorch-ignite)"
@@ -227,17 +123,17 @@ class BundleModel:
         (workdir / "out").mkdir()
         try:
             workflow = ConfigWorkflow(
-                config_file=str(_inference_file(bundle)),
+                config_file=str(inference_file(bundle)),
                 meta_file=str(bundle / METADATA_FILE),
                 # A bundle's logging.conf would reconfigure the whole node's logging.
                 logging_file=False,
                 workflow_type="infer",
             )
             parser = workflow.parser
-            _override(parser, bundle, workdir, resolved)
-            checkpoint_keys = _remove_checkpoint_loaders(parser)
-            network = _load_network(parser, network_file, checkpoint_keys, resolved)
-            _install_network(parser, network)
+            override_paths(parser, bundle, workdir, resolved)
+            checkpoint_keys = remove_checkpoint_loaders(parser)
+            network = load_network(parser, network_file, checkpoint_keys, resolved)
+            install_network(parser, network)
             if "run" not in parser and "evaluating" in parser:
                 workflow.run_id = "evaluating"  # bundles made before MONAI 1.2
             if workflow.run_id not in parser:
@@ -265,7 +161,7 @@ class BundleModel:
         log.info(
             "MONAI bundle %s %s loaded on %s (%s)", manifest.name, manifest.version, resolved, network_file
         )
-        return cls(manifest, workflow, evaluator, _data_keys(bundle), workdir)
+        return cls(manifest, workflow, evaluator, data_keys(bundle), workdir)
 
     def segment(self, volume: Volume) -> np.ndarray:
         with self._lock:
@@ -409,256 +305,3 @@ def resample_nearest(
             inside &= (coords[a] >= 0) & (coords[a] < bounds[a])
         out[k][inside] = labels[coords[0][inside], coords[1][inside], coords[2][inside]]
     return out
-
-
-def _sets_node_key(key: str, value: Any) -> bool:
-    """Whether manifest.yaml sets `key` to something other than its default (which a bundle ignores)."""
-    if value in (None, {}, ""):
-        return False
-    spec = _NODE_SPECS.get(key)
-    if spec is None:
-        return True
-    try:
-        return bool(spec.model_validate(value) != spec())
-    except ValidationError:
-        return True
-
-
-def _read_metadata(bundle: Path) -> dict[str, Any]:
-    file = bundle / METADATA_FILE
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(str(file), f"cannot read MONAI bundle metadata: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(str(file), f"not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(str(file), "bundle metadata must be a JSON object")
-    return raw
-
-
-def _read_overlay(bundle: Path) -> dict[str, Any]:
-    file = bundle / MANIFEST_FILE
-    if not file.is_file():
-        return {}
-    raw = read_manifest_mapping(file)
-    if raw is None:
-        return {}
-    if raw.get("format", "monai-bundle") != "monai-bundle":
-        raise ConfigError(f"{file}: format", "a bundle directory's manifest must say format: monai-bundle")
-    return raw
-
-
-def _inference_file(bundle: Path) -> Path:
-    for name in INFERENCE_FILES:
-        if (bundle / name).is_file():
-            return bundle / name
-    raise ConfigError(str(bundle / INFERENCE_FILES[0]), "the MONAI bundle has no inference config")
-
-
-def _first_output(metadata: dict[str, Any]) -> dict[str, Any]:
-    outputs = (metadata.get("network_data_format") or {}).get("outputs") or {}
-    if not isinstance(outputs, dict) or not outputs:
-        return {}
-    first = next(iter(outputs.values()))
-    return first if isinstance(first, dict) else {}
-
-
-def _channel_labels(output: dict[str, Any]) -> dict[int, str]:
-    """Label value -> name from the output's channel_def, background (channel 0) left out."""
-    channel_def = output.get("channel_def") or {}
-    labels: dict[int, str] = {}
-    for key, name in channel_def.items():
-        try:
-            value = int(key)
-        except (TypeError, ValueError):
-            continue
-        if value > 0:
-            labels[value] = str(name)
-    return labels
-
-
-def _task(output: dict[str, Any]) -> str:
-    kind = str(output.get("format", "segmentation")).lower()
-    return "classification" if kind in ("classification", "probabilities", "class") else "segmentation"
-
-
-def _input_modality(metadata: dict[str, Any]) -> str:
-    inputs = (metadata.get("network_data_format") or {}).get("inputs") or {}
-    for spec in inputs.values() if isinstance(inputs, dict) else ():
-        modality = spec.get("modality") if isinstance(spec, dict) else None
-        # "CT", "MR", "MRI": DICOM says MR.
-        if isinstance(modality, str) and modality.strip():
-            upper = modality.strip().upper()
-            return "MR" if upper in ("MRI", "MR") else upper
-    return ""
-
-
-def _merge_outputs(labels: dict[int, str], overlay: dict[str, Any]) -> dict[str, Any]:
-    """outputs from manifest.yaml, each segment's label defaulting to the bundle's channel name."""
-    merged = dict(overlay)
-    segments: list[dict[str, Any]] = []
-    for index, entry in enumerate(overlay.get("segments") or []):
-        segment = dict(entry) if isinstance(entry, dict) else entry
-        if isinstance(segment, dict):
-            value = segment.get("value")
-            if "label" not in segment and isinstance(value, int) and value in labels:
-                segment["label"] = labels[value]
-            segment.setdefault("colour", list(_PALETTE[index % len(_PALETTE)]))
-        segments.append(segment)
-    merged["segments"] = segments
-    return merged
-
-
-def _missing_keys(merged: dict[str, Any], labels: dict[int, str]) -> list[str]:
-    missing: list[str] = []
-    coded = {s.get("value") for s in merged["outputs"]["segments"] if isinstance(s, dict) and s.get("type")}
-    uncoded = [f"{value} ({name})" for value, name in sorted(labels.items()) if value not in coded]
-    if uncoded:
-        missing.append(
-            "the SNOMED code of label " + ", ".join(uncoded) + " (outputs.segments: - {value: N, type: "
-            "{value: <SCT code>, scheme: SCT, meaning: <code meaning>}, colour: [r, g, b]})"
-        )
-    if not labels and not merged["outputs"]["segments"]:
-        missing.append("which labels it outputs (outputs.segments with value, label and SNOMED type)")
-    if not merged.get("version"):
-        missing.append('its version (version: "1.0.0")')
-    if not merged.get("accepts"):
-        missing.append("which modalities it accepts (accepts: {modalities: [CT]})")
-    if not merged.get("licence"):
-        missing.append("its licence (licence: ...)")
-    return missing
-
-
-def _slug(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
-    return slug or "bundle"
-
-
-def _pinned_network(manifest: ModelManifest) -> Weights | None:
-    for weights in manifest.weights:
-        if weights.file.replace("\\", "/").lstrip("./") in NETWORK_FILES:
-            return weights
-    return None
-
-
-def _network_file(manifest: ModelManifest) -> Path:
-    """The pinned network file, else the bundle's own (model.pt before model.ts), with a warning."""
-    assert manifest.directory is not None
-    pinned = _pinned_network(manifest)
-    if pinned is not None:
-        return manifest.weights_path(pinned)
-    for name in NETWORK_FILES:
-        candidate = manifest.directory / name
-        if candidate.is_file():
-            log.warning(
-                "MONAI bundle %s: %s has no sha256 pinned in %s; loading it unverified (`models verify` "
-                "refuses this bundle)",
-                manifest.name,
-                name,
-                MANIFEST_FILE,
-            )
-            return candidate
-    raise InferenceError(f"model {manifest.name}: the bundle has no {' or '.join(NETWORK_FILES)}")
-
-
-def _override(parser: Any, bundle: Path, workdir: Path, device: str) -> None:
-    """Point the bundle at itself, the node's device and the node's scratch directories."""
-    import torch
-
-    parser["bundle_root"] = str(bundle)
-    parser["device"] = torch.device(device)
-    parser["dataset_dir"] = str(workdir / "in")
-    parser["output_dir"] = str(workdir / "out")
-    if "datalist" in parser:
-        # The instantiated loader is replaced per series: it must not glob anything at load.
-        parser["datalist"] = []
-    if (
-        "dataloader" in parser
-        and isinstance(parser["dataloader"], dict)
-        and "num_workers" in parser["dataloader"]
-    ):
-        parser["dataloader::num_workers"] = 0
-
-
-def _remove_checkpoint_loaders(parser: Any) -> list[str]:
-    """Drop CheckpointLoader handlers from the config; return the load_dict keys they used.
-
-    The node loads the sha256-verified file itself, once; a CheckpointLoader would read the file again
-    at every run (and a model.ts-only bundle's loader points at a model.pt that is not there).
-    """
-    keys: list[str] = []
-
-    def strip(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items()}
-        if isinstance(node, list):
-            kept = []
-            for item in node:
-                target = item.get("_target_") if isinstance(item, dict) else None
-                if isinstance(target, str) and target.rsplit(".", 1)[-1] == "CheckpointLoader":
-                    load_dict = item.get("load_dict")
-                    if isinstance(load_dict, dict):
-                        keys.extend(str(k) for k in load_dict)
-                    continue
-                kept.append(strip(item))
-            return kept
-        return node
-
-    parser.set(strip(parser.get()))
-    return keys
-
-
-def _load_network(parser: Any, network_file: Path, checkpoint_keys: list[str], device: str) -> Any:
-    import torch
-
-    from dicom_ai_node.infer.torch_model import load_torchscript
-
-    if network_file.suffix == ".ts":
-        network: Any = load_torchscript(network_file)
-    else:
-        if "network_def" not in parser:
-            raise ConfigError(
-                f"{network_file.parent.parent}: configs/inference.json",
-                "a bundle with models/model.pt needs network_def (or ship models/model.ts)",
-            )
-        network = parser.get_parsed_content("network_def")
-        # weights_only: a state_dict is tensors only, so a tampered file cannot run code on load.
-        checkpoint = torch.load(network_file, map_location="cpu", weights_only=True)
-        network.load_state_dict(_state_dict(checkpoint, checkpoint_keys))
-    return network.to(device).eval()
-
-
-def _state_dict(checkpoint: Any, keys: list[str]) -> Any:
-    """The network's state_dict inside a checkpoint, the way MONAI's CheckpointLoader finds it."""
-    if isinstance(checkpoint, dict):
-        for key in (*keys, "model", "state_dict"):
-            inner = checkpoint.get(key)
-            if isinstance(inner, dict):
-                return inner
-    return checkpoint
-
-
-def _install_network(parser: Any, network: Any) -> None:
-    """Put the loaded network where the evaluator takes it from (`@network` or its own argument)."""
-    evaluator = parser["evaluator"] if "evaluator" in parser else None
-    if not isinstance(evaluator, dict):
-        raise ConfigError("configs/inference.json: evaluator", "the bundle needs an evaluator to run")
-    reference = evaluator.get("network")
-    if isinstance(reference, str) and reference.startswith("@") and reference[1:] in parser:
-        parser[reference[1:]] = network
-    else:
-        parser["evaluator::network"] = network
-    if "network" in parser:
-        # Anything else that refers to @network (custom handlers) gets the same warm instance.
-        parser["network"] = network
-
-
-def _data_keys(bundle: Path) -> tuple[str, str]:
-    """The data keys of the network input and output (network_data_format), "image" and "pred" by default."""
-    formats = _read_metadata(bundle).get("network_data_format") or {}
-    keys = []
-    for side, default in (("inputs", "image"), ("outputs", "pred")):
-        entries = formats.get(side) if isinstance(formats, dict) else None
-        keys.append(str(next(iter(entries))) if isinstance(entries, dict) and entries else default)
-    return keys[0], keys[1]

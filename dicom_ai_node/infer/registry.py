@@ -139,7 +139,7 @@ def _is_model_dir(path: Path) -> bool:
 
 def _load_any(path: Path) -> ModelManifest:
     if (path / "configs" / "metadata.json").is_file():
-        from dicom_ai_node.infer.bundle import manifest_from_bundle
+        from dicom_ai_node.infer.bundle_manifest import manifest_from_bundle
 
         # A bundle's manifest.yaml only adds what metadata.json lacks (codes, licence, sha256).
         return manifest_from_bundle(path)

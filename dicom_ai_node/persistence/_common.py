@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+# Re-exported for the persistence modules; other packages import them from domain/clock.py.
+from dicom_ai_node.domain.clock import Clock as Clock
+from dicom_ai_node.domain.clock import utcnow as utcnow
 
 
 def insert_for(engine: sa.Engine, table: sa.Table) -> pg_dialect.Insert | sqlite_dialect.Insert:

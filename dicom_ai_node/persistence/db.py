@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import sqlalchemy as sa
 from alembic import command
@@ -33,7 +33,10 @@ from alembic.util import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 
-from dicom_ai_node.errors import ConfigError, NodeError
+from dicom_ai_node.errors import ConfigError, DatabaseError, NodeError
+
+# The engine type for annotations outside persistence/ (which does not import SQLAlchemy itself).
+Engine: TypeAlias = sa.Engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # UPDATE/INSERT ... RETURNING (used by the queue and repository) needs SQLite 3.35.
@@ -87,10 +90,29 @@ def make_engine(url: str) -> sa.Engine:
         raise ConfigError(_URL_KEY, f"not a database URL: {exc}") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        return _make_sqlite_engine(parsed)
-    if backend in ("postgresql", "postgres"):
-        return _make_postgres_engine(parsed)
-    raise ConfigError(_URL_KEY, f"unsupported database backend '{backend}' (use sqlite or postgresql)")
+        engine = _make_sqlite_engine(parsed)
+    elif backend in ("postgresql", "postgres"):
+        engine = _make_postgres_engine(parsed)
+    else:
+        raise ConfigError(_URL_KEY, f"unsupported database backend '{backend}' (use sqlite or postgresql)")
+    event.listen(engine, "handle_error", _unavailable_as_database_error)
+    return engine
+
+
+def _unavailable_as_database_error(context: sa.engine.ExceptionContext) -> BaseException | None:
+    """Raise `DatabaseError` where the driver says the database cannot be used right now.
+
+    Only OperationalError / InterfaceError (connection refused or lost, locked, disk I/O error): other
+    driver errors (IntegrityError, ProgrammingError) are either handled inside persistence/ or bugs, and
+    stay as they are. SQLAlchemy still invalidates a dropped connection before raising this one.
+    """
+    if context.is_pre_ping:
+        return None  # the pool's pre-ping reconnects on its own; its error must stay SQLAlchemy's
+    if not isinstance(context.sqlalchemy_exception, sa.exc.OperationalError | sa.exc.InterfaceError):
+        return None
+    orig = context.original_exception
+    lines = str(orig).strip().splitlines()
+    return DatabaseError(f"database unavailable: {lines[0] if lines else type(orig).__name__}")
 
 
 def create_schema(engine: sa.Engine) -> None:

@@ -13,7 +13,7 @@ retried with the next candidate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus, PullRequest, QueueStats, RetryPolicy
+from dicom_ai_node.domain.payloads import JobPayload, PullPayload, parse_payload
 from dicom_ai_node.errors import NodeError
 from dicom_ai_node.persistence._common import Clock, dump_json, insert_for, load_json, utcnow
 from dicom_ai_node.persistence.tables import UtcDateTime, jobs, series
@@ -52,6 +53,8 @@ class Job:
     id: int
     kind: JobKind
     status: JobStatus
+    # As stored (JSON): the worker parses it into the kind's model (domain/payloads.py) when it claims
+    # the job; the admin page shows it as is, even when it does not validate.
     payload: dict[str, Any]
     priority: int
     scheduled_at: datetime
@@ -106,7 +109,7 @@ class JobQueue:
     def enqueue(
         self,
         kind: JobKind,
-        payload: dict[str, Any],
+        payload: JobPayload | Mapping[str, Any],
         *,
         dedupe_key: str | None = None,
         priority: int = 0,
@@ -116,13 +119,16 @@ class JobQueue:
     ) -> int:
         """Add a job and return its id; with a `dedupe_key` already stored, return that job's id instead.
 
-        The payload must hold no PHI (UIDs are fine): it is shown in the admin page.
+        The payload is the kind's model (domain/payloads.py), or a mapping validated against it:
+        PayloadError, naming the field, when it does not validate. It must hold no PHI (UIDs are fine):
+        it is shown in the admin page.
         """
+        stored = parse_payload(kind, payload).to_json()
         now = self._clock()
         stmt = insert_for(self._engine, jobs).values(
             kind=JobKind(kind).value,
             status=JobStatus.QUEUED.value,
-            payload=dump_json(payload),
+            payload=dump_json(stored),
             priority=priority,
             scheduled_at=now + timedelta(seconds=delay_s),
             created_at=now,
@@ -131,7 +137,7 @@ class JobQueue:
             max_attempts=max_attempts if max_attempts is not None else self._policy.max_attempts,
             dedupe_key=dedupe_key,
             lock_key=lock_key,
-            **_payload_columns(payload),
+            **_payload_columns(stored),
         )
         if dedupe_key is not None:
             # Race-safe: the unique constraint decides; the loser reads the winner's id.
@@ -145,7 +151,7 @@ class JobQueue:
         return int(job_id)
 
     def enqueue_while_unfinished(
-        self, kind: JobKind, payload: dict[str, Any], *, dedupe_key: str, **options: Any
+        self, kind: JobKind, payload: JobPayload | Mapping[str, Any], *, dedupe_key: str, **options: Any
     ) -> tuple[int, bool]:
         """One unfinished job per `dedupe_key`: (id of the queued/running/failed one, False) if there is
         one, else (id of a new job, True). Unlike `enqueue`'s key, this one may run again once finished.
@@ -170,7 +176,11 @@ class JobQueue:
         running or waiting for a retry is returned instead of a second one."""
         return self.enqueue_while_unfinished(
             JobKind.PULL,
-            dict(request.payload()),
+            PullPayload(
+                source=request.source,
+                study_instance_uid=request.study_instance_uid,
+                series_instance_uid=request.series_instance_uid or None,
+            ),
             dedupe_key=request.dedupe_key(),
             priority=request.PRIORITY,
             max_attempts=request.MAX_ATTEMPTS,
@@ -360,14 +370,15 @@ class JobQueue:
 
         The original stays as it was (its history is the audit trail). Results use deterministic UIDs,
         so re-running an infer job replaces its objects in the PACS instead of adding a result series.
-        Returns the new job's id, or None when the job does not exist or has not finished.
+        Returns the new job's id, or None when the job does not exist or has not finished. Raises
+        PayloadError when the job's payload does not validate (re-running it would only fail again).
         """
         job = self.get(job_id)
         if job is None or job.status not in (JobStatus.SUCCEEDED, JobStatus.DEAD, JobStatus.CANCELLED):
             return None
         return self.enqueue(
             job.kind,
-            {**job.payload, "rerun_of": job.id},
+            parse_payload(job.kind, {**job.payload, "rerun_of": job.id}, job_id=job.id),
             priority=job.priority,
             lock_key=job.lock_key,
             max_attempts=job.max_attempts,

@@ -14,8 +14,8 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 
-from dicom_ai_node.config import Source
 from dicom_ai_node.dimse_socket import set_tcp_nodelay
+from dicom_ai_node.domain.peers import Source
 from dicom_ai_node.errors import PermanentPullError, TransientPullError
 
 PENDING = (0xFF00, 0xFF01)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dicom_ai_node.config import NodeSettings, Source
+from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.domain.catalog import SourceInfo, StudyMatchInfo, StudyQuery
+from dicom_ai_node.domain.peers import Source
 from dicom_ai_node.errors import PermanentPullError
 from dicom_ai_node.pull.query import find_studies
 

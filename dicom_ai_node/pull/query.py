@@ -18,8 +18,8 @@ from pydicom import Dataset
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
-from dicom_ai_node.config import Source
 from dicom_ai_node.domain.catalog import StudyMatchInfo, StudyQuery
+from dicom_ai_node.domain.peers import Source
 from dicom_ai_node.errors import PermanentPullError, StudyNotFoundError, TransientPullError
 from dicom_ai_node.pull._dimse import PENDING, QrPeer, associate, check_final, qr_peer
 from dicom_ai_node.pull.web import dicomweb_client

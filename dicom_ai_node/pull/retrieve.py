@@ -26,14 +26,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicom_ai_node.errors import PermanentPullError, StorageError, TransientPullError
-from dicom_ai_node.persistence.repository import SeriesRepository
-from dicom_ai_node.pull._dimse import PENDING, QrPeer, associate, check_final
-from dicom_ai_node.receive.conformance import (
+from dicom_ai_node.domain.conformance import (
     ACCEPTED_TRANSFER_SYNTAXES,
     IMAGE_STORAGE_SOP_CLASSES,
     STATUS_OUT_OF_RESOURCES,
 )
+from dicom_ai_node.errors import PermanentPullError, StorageError, TransientPullError
+from dicom_ai_node.persistence.repository import SeriesRepository
+from dicom_ai_node.pull._dimse import PENDING, QrPeer, associate, check_final
 from dicom_ai_node.receive.ingest import ingest_file
 from dicom_ai_node.store.spool import Spool
 

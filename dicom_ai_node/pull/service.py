@@ -12,14 +12,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dicom_ai_node.config import NodeSettings, Source
+from dicom_ai_node.config import NodeSettings
+from dicom_ai_node.domain.ingest import calling_label
+from dicom_ai_node.domain.peers import Source
 from dicom_ai_node.errors import ConfigError, PermanentPullError, TransientPullError
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.pull._dimse import qr_peer
 from dicom_ai_node.pull.query import SeriesMatch, find_series
 from dicom_ai_node.pull.retrieve import Counts, Receiver, c_get_series, c_move_series, wado_series
 from dicom_ai_node.pull.web import dicomweb_client
-from dicom_ai_node.receive.ingest import calling_label
 from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """AE-title (+ optional IP) allow-list for incoming associations.
 
-This is access control, not authentication (notes/reliability-security.md): DICOM TLS is the latter.
+This is access control, not authentication: any peer can claim an AE title, and only the address narrows
+that down (DICOM TLS with client certificates would authenticate; not implemented yet).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from dicom_ai_node.config import AllowedPeer
+from dicom_ai_node.domain.peers import AllowedPeer
 
 
 class PeerAllowList:
@@ -18,6 +19,11 @@ class PeerAllowList:
         for peer in peers:
             nets = [ipaddress.ip_network(h, strict=False) for h in peer.hosts]
             self._peers.setdefault(peer.ae_title, []).extend(nets)
+
+    @property
+    def ae_titles(self) -> list[str]:
+        """The calling AE titles on the list (any address)."""
+        return sorted(self._peers)
 
     def is_allowed(self, calling_ae: str, address: str) -> bool:
         if self.allow_any:

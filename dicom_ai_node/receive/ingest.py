@@ -1,7 +1,7 @@
 """One ingest path for both receive edges: a received temp file becomes a spool file plus one DB row.
 
 The C-STORE handler (scp.py) and the STOW-RS endpoint (api/routers/stow.py, through the callable that
-`stow_ingest` builds) both end here, so both keep the same durability rule (notes/reliability-security.md):
+`stow_ingest` builds) both end here, so both keep the same durability rule (docs/architecture.md):
 temp file in the spool's incoming dir -> fsync -> rename -> fsync dir -> DB commit -> only then "stored".
 Duplicates (a SOP Instance UID already stored) are kept once and still reported as a success.
 """
@@ -13,8 +13,14 @@ from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
-from sqlalchemy.exc import SQLAlchemyError
-
+from dicom_ai_node.domain.conformance import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    IMAGE_STORAGE_SOP_CLASSES,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_DOES_NOT_MATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+)
 from dicom_ai_node.domain.ingest import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_SOP_CLASS_NOT_SUPPORTED,
@@ -24,17 +30,9 @@ from dicom_ai_node.domain.ingest import (
     IngestResult,
     calling_label,
 )
-from dicom_ai_node.errors import InvalidDicomError, StorageError
+from dicom_ai_node.errors import DatabaseError, InvalidDicomError, StorageError
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.repository import InstanceRecord, SeriesRepository
-from dicom_ai_node.receive.conformance import (
-    ACCEPTED_TRANSFER_SYNTAXES,
-    IMAGE_STORAGE_SOP_CLASSES,
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_DOES_NOT_MATCH,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-)
 from dicom_ai_node.receive.header import read_header
 from dicom_ai_node.store.spool import Spool
 
@@ -141,9 +139,9 @@ def _ingest(
     )
     try:
         is_new = repo.record_instance(record)
-    except SQLAlchemyError as exc:
+    except DatabaseError as exc:
         spool.remove(spool_path)
-        log.error("database error storing SOP %s from %s: %s", sop_instance, calling, type(exc).__name__)
+        log.error("database error storing SOP %s from %s: %s", sop_instance, calling, exc)
         return _failed(STATUS_OUT_OF_RESOURCES, "database unavailable", sop_class, sop_instance, study)
     if not is_new:
         # Duplicates are stored once (as Orthanc does) and still answered Success.

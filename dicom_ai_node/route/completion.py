@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from dicom_ai_node.domain.jobs import JobKind
+from dicom_ai_node.domain.payloads import InferPayload
 from dicom_ai_node.domain.rules import Rule, RuleSet, matching_rules
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository, SeriesRow, SeriesStatus
@@ -101,15 +102,15 @@ class CompletionSweep:
             for rule in hits:
                 self.queue.enqueue(
                     JobKind.INFER,
-                    {
-                        "series_instance_uid": row.series_instance_uid,
-                        "study_instance_uid": row.study_instance_uid,
-                        "generation": row.generation,
-                        "rule_id": rule.id,
-                        "rule_version": rule.version,
-                        "model": rule.action.model,
-                        "destinations": list(rule.action.destinations),
-                    },
+                    InferPayload(
+                        series_instance_uid=row.series_instance_uid,
+                        study_instance_uid=row.study_instance_uid,
+                        generation=row.generation,
+                        rule_id=rule.id,
+                        rule_version=rule.version,
+                        model=rule.action.model,
+                        destinations=list(rule.action.destinations),
+                    ),
                     dedupe_key=infer_dedupe_key(row.series_instance_uid, row.generation, rule),
                     priority=rule.action.priority,
                     lock_key=f"series:{row.series_instance_uid}",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from dicom_ai_node.config import RetentionSettings
-from dicom_ai_node.persistence._common import Clock, utcnow
+from dicom_ai_node.domain.clock import Clock, utcnow
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.store.spool import Spool
 

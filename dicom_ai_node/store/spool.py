@@ -1,6 +1,7 @@
 """The spool: durable files named by UUID, never by DICOM values.
 
-Write protocol (notes/reliability-security.md): temp file in the spool -> fsync -> rename -> fsync dir.
+Write protocol (docs/architecture.md, "Why it never loses a study"): temp file in the spool -> fsync ->
+rename -> fsync dir.
 Only after that (and the DB commit) may the SCP answer Success. File names come from uuid4, so no DICOM
 value (which a peer controls) ever becomes part of a path.
 """

@@ -14,7 +14,7 @@ docs/images/ct-lung-reference-*.png.
 Geometry: the NRRDs are LPS with axis-aligned directions: axis 0 runs along the DICOM columns, axis 1
 along the rows, axis 2 between frames (feet to head). A Volume array is (frames, rows, cols), so the
 NRRD array is transposed (2, 1, 0) and its space directions/origin are the Volume's affine_lps, exactly
-as tests/support/datasets.lung_ct_series writes them as DICOM.
+as dicom_ai_node/devtools/datasets.lung_ct_series writes them as DICOM.
 """
 
 from __future__ import annotations

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import Dataset, dcmread
 
-from dicom_ai_node.config import Destination
+from dicom_ai_node.domain.peers import Destination
 from dicom_ai_node.domain.results import (
     FindingResult,
     ModelIdentity,
@@ -27,9 +26,7 @@ from dicom_ai_node.encode.sr import encode_sr
 from dicom_ai_node.encode.uids import result_uids
 from dicom_ai_node.persistence.repository import ResultKind
 from dicom_ai_node.store.spool import RESULTS
-
-if TYPE_CHECKING:
-    from dicom_ai_node.worker.stages import StageContext
+from dicom_ai_node.worker.context import StageContext
 
 
 @dataclass(frozen=True, order=True)
@@ -76,118 +73,112 @@ class StoredResult:
 
 
 @dataclass(frozen=True)
-class ResultInputs:
-    """Everything one encoding needs, computed once per job."""
+class ResultOrigin:
+    """Where one infer job's results come from; the same for every object the job makes."""
 
     job_id: int
     series_instance_uid: str
     source_datasets: Sequence[Dataset]
-    label_map: np.ndarray
     model: ModelIdentity
-    segments: list[SegmentSpec]
     rule: RuleIdentity
     identity: OutputIdentity
+    # Same series + model version + rule version + revision -> the same UIDs (see encode/uids.py).
     revision: int
+
+
+@dataclass(frozen=True)
+class ResultInputs:
+    """Everything one segmentation encoding needs, computed once per job."""
+
+    origin: ResultOrigin
+    label_map: np.ndarray
+    segments: list[SegmentSpec]
     measurements: Sequence[SegmentMeasurement]
     pixel_values: np.ndarray  # the source volume in modality units, for key images
 
 
 @dataclass(frozen=True)
 class ClassificationInputs:
-    job_id: int
-    series_instance_uid: str
-    source_datasets: Sequence[Dataset]
+    origin: ResultOrigin
     findings: Sequence[FindingResult]
-    model: ModelIdentity
-    rule: RuleIdentity
-    identity: OutputIdentity
-    revision: int
 
 
 def encode_and_store(ctx: StageContext, inputs: ResultInputs, variant: SegVariant) -> StoredResult:
     """Encode SEG + SR in one variant, write them to the spool and record them (idempotent on UID)."""
-    uids = result_uids(
-        inputs.series_instance_uid,
-        inputs.model,
-        inputs.rule,
-        revision=inputs.revision,
-        variant=variant.key,
-    )
+    o = inputs.origin
+    uids = result_uids(o.series_instance_uid, o.model, o.rule, revision=o.revision, variant=variant.key)
     seg = encode_seg(
-        inputs.source_datasets,
-        inputs.label_map,
-        inputs.segments,
-        inputs.model,
-        inputs.rule,
-        inputs.identity,
-        uids,
+        source_datasets=o.source_datasets,
+        label_map=inputs.label_map,
+        segments=inputs.segments,
+        model=o.model,
+        rule=o.rule,
+        identity=o.identity,
+        uids=uids,
         omit_empty_frames=variant.omit_empty_frames,
-        revision=inputs.revision,
+        revision=o.revision,
         seg_format=variant.seg_format,
     )
     sr = encode_sr(
-        inputs.source_datasets,
-        seg,
-        inputs.measurements,
-        inputs.model,
-        inputs.rule,
-        inputs.identity,
-        uids,
+        source_datasets=o.source_datasets,
+        seg=seg,
+        measurements=inputs.measurements,
+        model=o.model,
+        rule=o.rule,
+        identity=o.identity,
+        uids=uids,
         segments=inputs.segments,
-        revision=inputs.revision,
-        predecessor=predecessor_sr(
-            ctx, inputs.series_instance_uid, inputs.model, inputs.rule, inputs.revision, variant
-        ),
+        revision=o.revision,
+        predecessor=predecessor_sr(ctx, o, variant),
     )
     # No SEG when nothing was found: only the SR, saying so.
     objects: list[tuple[ResultKind, Dataset]] = [("SEG", seg)] if seg is not None else []
-    return _store(ctx, inputs.job_id, inputs.series_instance_uid, [*objects, ("SR", sr)])
+    return _store(ctx, o, [*objects, ("SR", sr)])
 
 
 def encode_and_store_classification(ctx: StageContext, inputs: ClassificationInputs) -> StoredResult:
     """Encode a classifier's findings as one SR (no SEG: there is no region), spool and record it."""
-    uids = result_uids(inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision)
+    o = inputs.origin
     sr = encode_classification_sr(
-        inputs.source_datasets,
-        inputs.findings,
-        inputs.model,
-        inputs.rule,
-        inputs.identity,
-        uids,
-        revision=inputs.revision,
-        predecessor=predecessor_sr(
-            ctx, inputs.series_instance_uid, inputs.model, inputs.rule, inputs.revision
-        ),
+        source_datasets=o.source_datasets,
+        findings=inputs.findings,
+        model=o.model,
+        rule=o.rule,
+        identity=o.identity,
+        uids=result_uids(o.series_instance_uid, o.model, o.rule, revision=o.revision),
+        revision=o.revision,
+        predecessor=predecessor_sr(ctx, o),
     )
-    return _store(ctx, inputs.job_id, inputs.series_instance_uid, [("SR", sr)])
+    return _store(ctx, o, [("SR", sr)])
 
 
 def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
     """Secondary Capture key images with the overlay burned in (for destinations with key_images)."""
-    key = result_uids(inputs.series_instance_uid, inputs.model, inputs.rule, revision=inputs.revision)
+    o = inputs.origin
+    key = result_uids(o.series_instance_uid, o.model, o.rule, revision=o.revision)
     images = encode_key_images(
-        inputs.pixel_values,
-        inputs.source_datasets,
-        inputs.label_map,
-        inputs.segments,
-        inputs.model,
-        inputs.identity,
+        values=inputs.pixel_values,
+        source_datasets=o.source_datasets,
+        label_map=inputs.label_map,
+        segments=inputs.segments,
+        model=o.model,
+        identity=o.identity,
         result_key=key.seg_series_instance_uid,
-        revision=inputs.revision,
+        revision=o.revision,
     )
-    return _store(ctx, inputs.job_id, inputs.series_instance_uid, [("SC", ds) for ds in images])
+    return _store(ctx, o, [("SC", ds) for ds in images])
 
 
 def _store(
-    ctx: StageContext, job_id: int, series_uid: str, objects: Sequence[tuple[ResultKind, Dataset]]
+    ctx: StageContext, origin: ResultOrigin, objects: Sequence[tuple[ResultKind, Dataset]]
 ) -> StoredResult:
     """Write result objects to the spool and record them (idempotent on SOP Instance UID)."""
     stored = StoredResult()
     for kind, ds in objects:
         rel = ctx.spool.write_dataset(ds, RESULTS)
         ctx.repo.add_result(
-            job_id=job_id,
-            source_series_instance_uid=series_uid,
+            job_id=origin.job_id,
+            source_series_instance_uid=origin.series_instance_uid,
             kind=kind,
             sop_class_uid=str(ds.SOPClassUID),
             sop_instance_uid=str(ds.SOPInstanceUID),
@@ -201,19 +192,15 @@ def _store(
 
 
 def predecessor_sr(
-    ctx: StageContext,
-    series_uid: str,
-    model: ModelIdentity,
-    rule: RuleIdentity,
-    revision: int,
-    variant: SegVariant = DEFAULT_VARIANT,
+    ctx: StageContext, origin: ResultOrigin, variant: SegVariant = DEFAULT_VARIANT
 ) -> Dataset | None:
     """The newest earlier revision's SR of the same (series, model, rule, variant), if this node made one.
 
     Found through the deterministic UIDs of the earlier revisions, so no extra bookkeeping is needed.
     """
+    series_uid, model, rule = origin.series_instance_uid, origin.model, origin.rule
     stored = {r.sop_instance_uid: r for r in ctx.repo.results_of_series(series_uid) if r.kind == "SR"}
-    for earlier in range(revision - 1, 0, -1):
+    for earlier in range(origin.revision - 1, 0, -1):
         uid = result_uids(series_uid, model, rule, revision=earlier, variant=variant.key).sr_sop_instance_uid
         row = stored.get(uid)
         if row is not None:

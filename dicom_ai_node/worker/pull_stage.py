@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+from dicom_ai_node.domain.payloads import PullPayload
 from dicom_ai_node.persistence.queue import Job, JobQueue
 from dicom_ai_node.pull.service import Puller, PullProgress
 
@@ -18,8 +19,7 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 1.0
 
 
-def run_pull(job: Job, puller: Puller, queue: JobQueue) -> dict[str, Any]:
-    p = job.payload
+def run_pull(job: Job, payload: PullPayload, puller: Puller, queue: JobQueue) -> dict[str, Any]:
     worker_id = job.worker_id or ""
     last = 0.0
 
@@ -30,6 +30,6 @@ def run_pull(job: Job, puller: Puller, queue: JobQueue) -> dict[str, Any]:
             last = now
             queue.set_progress(job.id, worker_id, state.as_dict())
 
-    state = puller.pull(p["source"], p["study_instance_uid"], p.get("series_instance_uid"), progress)
+    state = puller.pull(payload.source, payload.study_instance_uid, payload.series_instance_uid, progress)
     log.info("pull job %d: %s", job.id, state.summary())
     return state.as_dict()

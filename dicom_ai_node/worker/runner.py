@@ -3,6 +3,10 @@
 The job runs in the worker's own thread; a small heartbeat thread extends the lease meanwhile, so a long
 inference is not taken for a dead worker, and a worker that really dies (kill -9, power loss) stops
 heartbeating and its job is re-queued by `JobQueue.recover_stalled`.
+
+A claimed job's payload is parsed into its kind's model (domain/payloads.py) before its stage runs: a
+payload that does not validate is a permanent error (dead letter at once, naming the field), never a
+KeyError halfway through a stage that would be retried.
 """
 
 from __future__ import annotations
@@ -13,16 +17,31 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
+from dicom_ai_node.domain.payloads import BasePayload, parse_as
 from dicom_ai_node.errors import PermanentError, TransientError
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.queue import Job, JobQueue, LeaseLostError
 
 log = logging.getLogger(__name__)
 
-JobHandler = Callable[[Job], dict[str, Any]]
+P = TypeVar("P", bound=BasePayload)
+
+
+@dataclass(frozen=True)
+class JobHandler(Generic[P]):
+    """Runs one job kind: the payload model a claimed job's payload is parsed into, and the stage that
+    takes the parsed payload and returns the job's result (no PHI: the admin page shows it)."""
+
+    payload_model: type[P]
+    run: Callable[[Job, P], dict[str, Any]]
+
+    def __call__(self, job: Job) -> dict[str, Any]:
+        # PayloadError (permanent) names the fields that do not validate.
+        return self.run(job, parse_as(self.payload_model, job.payload, job_id=job.id))
 
 
 def new_worker_id(label: str) -> str:
@@ -51,7 +70,7 @@ class Worker:
     def __init__(
         self,
         queue: JobQueue,
-        handlers: Mapping[JobKind, JobHandler],
+        handlers: Mapping[JobKind, JobHandler[Any]],
         kinds: Sequence[JobKind],
         *,
         lease_s: float,
@@ -60,6 +79,9 @@ class Worker:
         worker_id: str | None = None,
         metrics: NodeMetrics | None = None,
     ) -> None:
+        wrong = [k.value for k, h in handlers.items() if h.payload_model.KIND != k]
+        if wrong:
+            raise ValueError(f"handlers for {wrong} take another kind's payload")
         self.queue = queue
         self.handlers = dict(handlers)
         self.kinds = list(kinds)

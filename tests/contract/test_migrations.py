@@ -20,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.domain.jobs import JobKind
+from dicom_ai_node.domain.payloads import DeliverPayload, InferPayload, PayloadError, parse_payload
 from dicom_ai_node.persistence.db import (
     SchemaOutOfDateError,
     check_schema,
@@ -436,6 +437,18 @@ def test_a_baseline_database_upgrades_with_nothing_lost(fresh: sa.Engine, how: s
     assert running.destination == "archive" and running.status.value == "running"
     assert (empty.series_instance_uid, empty.rule_id, empty.model, empty.destination) == (None,) * 4
     assert odd.payload == {"value": [1, 2]} and odd.model is None
+    # The payloads the node wrote before they had a version read as version 1 (what a worker claiming
+    # them parses); the odd ones name what is wrong.
+    parsed = parse_payload(infer.kind, infer.payload)
+    assert isinstance(parsed, InferPayload) and (parsed.version, parsed.rule_version) == (1, 3)
+    assert parsed.destinations == ["pacs", "archive"]
+    for deliver in (dead, running):
+        parsed_deliver = parse_payload(deliver.kind, deliver.payload)
+        assert isinstance(parsed_deliver, DeliverPayload) and parsed_deliver.infer_job_id == 1
+    with pytest.raises(
+        PayloadError, match=r"payload of deliver job 4 does not validate: destination: Field required"
+    ):
+        parse_payload(empty.kind, empty.payload, job_id=empty.id)
     bulk = queue.get(100 + 1202)
     assert bulk is not None and (bulk.model, bulk.rule_id) == ("m1202", "mr")
     # The filters see migrated jobs, and the queue keeps working on the migrated schema.
@@ -443,7 +456,7 @@ def test_a_baseline_database_upgrades_with_nothing_lost(fresh: sa.Engine, how: s
     assert [j.id for j in queue.children(1)] == [2, 3]
     assert queue.count_jobs(JobFilter(modality="CT")) == 3
     new_id = queue.enqueue(
-        JobKind.DELIVER, {"destination": "pacs", "series_instance_uid": s1, "infer_job_id": 1}
+        JobKind.DELIVER, {"destination": "pacs", "files": [], "series_instance_uid": s1, "infer_job_id": 1}
     )
     assert new_id > 100 + 1202 and [j.id for j in queue.children(1)] == [2, 3, new_id]
 

@@ -29,7 +29,7 @@ def test_a_pull_still_queued_or_running_is_returned_instead_of_a_second(queue: J
     assert queue.enqueue_pull(pull) == (first, False)
     job = queue.claim("w1", [JobKind.PULL], lease_s=60)
     assert job is not None and job.id == first
-    assert job.payload == {"source": "pacs", "study_instance_uid": STUDY}
+    assert job.payload == {"version": 1, "source": "pacs", "study_instance_uid": STUDY}
     assert job.priority == PullRequest.PRIORITY and job.max_attempts == PullRequest.MAX_ATTEMPTS
     assert queue.enqueue_pull(pull) == (first, False)  # running
     # Another series, or another source, is another pull.

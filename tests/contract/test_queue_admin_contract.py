@@ -8,9 +8,11 @@ import pytest
 import sqlalchemy as sa
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus, QueueStats, RetryPolicy
+from dicom_ai_node.domain.payloads import PayloadError
 from dicom_ai_node.persistence import JobQueue, SeriesRepository
 from dicom_ai_node.persistence.queue import JobFilter
 from tests.contract.conftest import FakeClock
+from tests.support.payloads import deliver_payload, infer_payload
 
 INFER, DELIVER = JobKind.INFER, JobKind.DELIVER
 POLICY = RetryPolicy(base_s=10.0, cap_s=100.0, max_attempts=3)
@@ -31,8 +33,7 @@ def _series(engine: sa.Engine, clock: FakeClock, uid: str, modality: str) -> Non
 
 
 def _infer(queue: JobQueue, uid: str, rule_id: str, model: str) -> int:
-    payload = {"series_instance_uid": uid, "rule_id": rule_id, "rule_version": 1, "model": model}
-    return queue.enqueue(INFER, {**payload, "destinations": ["pacs"]})
+    return queue.enqueue(INFER, infer_payload(series_instance_uid=uid, rule_id=rule_id, model=model))
 
 
 def _deliver(queue: JobQueue, uid: str, destination: str, infer_job_id: int) -> int:
@@ -62,8 +63,13 @@ def test_enqueue_copies_the_filter_columns_from_the_payload(queue: JobQueue) -> 
         None,
         "pacs",
     )
-    bare = queue.get(queue.enqueue(DELIVER, {"destination": ["not", "a", "name"], "model": "x" * 100}))
-    assert bare is not None and bare.destination is None and bare.model == "x" * 64
+    bare = queue.get(queue.enqueue(DELIVER, deliver_payload(model="x" * 100)))
+    assert bare is not None and bare.destination == "pacs" and bare.model == "x" * 64
+    # Only a payload of the kind's shape gets in (domain/payloads.py); the error names the field.
+    with pytest.raises(
+        PayloadError, match=r"^deliver payload does not validate: destination: Input should be"
+    ):
+        queue.enqueue(DELIVER, {"destination": ["not", "a", "name"], "files": []})
 
 
 def test_list_and_count_with_a_filter(queue: JobQueue, engine: sa.Engine, clock: FakeClock) -> None:
@@ -78,8 +84,8 @@ def test_list_and_count_with_a_filter(queue: JobQueue, engine: sa.Engine, clock:
     to_archive = _deliver(queue, CT_UID, "archive", ct)
     orphan = queue.enqueue(DELIVER, {"destination": "pacs", "files": []})  # no series: never matches modality
 
-    def ids(f: JobFilter, **kw: int) -> list[int]:
-        found = [j.id for j in queue.list_jobs(filter=f, **kw)]
+    def ids(f: JobFilter, limit: int = 100, offset: int = 0) -> list[int]:
+        found = [j.id for j in queue.list_jobs(filter=f, limit=limit, offset=offset)]
         assert queue.count_jobs(f) == len(queue.list_jobs(filter=f, limit=1000))
         return found
 

@@ -14,6 +14,7 @@ from dicom_ai_node.domain.jobs import JobKind, JobStatus, RetryPolicy
 from dicom_ai_node.persistence import JobQueue, LeaseLostError
 from dicom_ai_node.persistence.tables import jobs
 from tests.contract.conftest import FakeClock
+from tests.support.payloads import deliver_payload, infer_payload, payload_for
 
 INFER, DELIVER = JobKind.INFER, JobKind.DELIVER
 POLICY = RetryPolicy(base_s=10.0, cap_s=100.0, max_attempts=3)
@@ -26,11 +27,12 @@ def queue(engine: sa.Engine, clock: FakeClock) -> JobQueue:
 
 
 def test_enqueue_stores_the_job_as_given(queue: JobQueue, clock: FakeClock) -> None:
-    job_id = queue.enqueue(INFER, {"series_instance_uid": "1.2.3", "n": 2}, priority=5, lock_key="study-1")
+    payload = infer_payload(series_instance_uid="1.2.3", generation=2)
+    job_id = queue.enqueue(INFER, payload, priority=5, lock_key="study-1")
     job = queue.get(job_id)
     assert job is not None
     assert job.kind is INFER and job.status is JobStatus.QUEUED
-    assert job.payload == {"series_instance_uid": "1.2.3", "n": 2}
+    assert job.payload == payload.model_dump(exclude_none=True) and job.payload["version"] == 1
     assert (job.priority, job.lock_key, job.dedupe_key) == (5, "study-1", None)
     assert (job.attempts, job.max_attempts) == (0, POLICY.max_attempts)
     # Timestamps come back timezone-aware and identical to the microsecond.
@@ -41,32 +43,36 @@ def test_enqueue_stores_the_job_as_given(queue: JobQueue, clock: FakeClock) -> N
 
 
 def test_dedupe_key_returns_the_existing_job(queue: JobQueue) -> None:
-    first = queue.enqueue(INFER, {"a": 1}, dedupe_key="series-1.2.3-gen1")
-    again = queue.enqueue(INFER, {"a": 2}, dedupe_key="series-1.2.3-gen1")
-    other = queue.enqueue(INFER, {"a": 3}, dedupe_key="series-1.2.3-gen2")
-    plain_1 = queue.enqueue(INFER, {"a": 4})
-    plain_2 = queue.enqueue(INFER, {"a": 4})
+    first = queue.enqueue(INFER, infer_payload(model="a1"), dedupe_key="series-1.2.3-gen1")
+    again = queue.enqueue(INFER, infer_payload(model="a2"), dedupe_key="series-1.2.3-gen1")
+    other = queue.enqueue(INFER, infer_payload(model="a3"), dedupe_key="series-1.2.3-gen2")
+    plain_1 = queue.enqueue(INFER, infer_payload(model="a4"))
+    plain_2 = queue.enqueue(INFER, infer_payload(model="a4"))
     assert again == first
     assert len({first, other, plain_1, plain_2}) == 4
     job = queue.get(first)
-    assert job is not None and job.payload == {"a": 1}
+    assert job is not None and job.payload["model"] == "a1"
     assert len(queue.list_jobs()) == 4
 
 
 def test_dedupe_is_race_safe(queue: JobQueue) -> None:
     with ThreadPoolExecutor(8) as pool:
-        ids = list(pool.map(lambda i: queue.enqueue(INFER, {"i": i}, dedupe_key="same"), range(32)))
+        ids = list(
+            pool.map(
+                lambda i: queue.enqueue(INFER, infer_payload(generation=i + 1), dedupe_key="same"), range(32)
+            )
+        )
     assert len(set(ids)) == 1
     assert len(queue.list_jobs()) == 1
 
 
 def test_claim_takes_highest_priority_then_oldest_schedule(queue: JobQueue, clock: FakeClock) -> None:
-    low_old = queue.enqueue(INFER, {}, priority=0)
+    low_old = queue.enqueue(INFER, infer_payload(), priority=0)
     clock.advance(1)
-    high_new = queue.enqueue(INFER, {}, priority=10)
+    high_new = queue.enqueue(INFER, infer_payload(), priority=10)
     clock.advance(1)
-    low_new = queue.enqueue(INFER, {}, priority=0)
-    delayed_top = queue.enqueue(INFER, {}, priority=99, delay_s=60)
+    low_new = queue.enqueue(INFER, infer_payload(), priority=0)
+    delayed_top = queue.enqueue(INFER, infer_payload(), priority=99, delay_s=60)
 
     claimed = [queue.claim("w", [INFER], LEASE_S) for _ in range(4)]
     assert [j.id if j else None for j in claimed] == [high_new, low_old, low_new, None]
@@ -77,7 +83,7 @@ def test_claim_takes_highest_priority_then_oldest_schedule(queue: JobQueue, cloc
 
 
 def test_claim_sets_running_fields_and_filters_kind(queue: JobQueue, clock: FakeClock) -> None:
-    deliver_id = queue.enqueue(DELIVER, {"to": "pacs"})
+    deliver_id = queue.enqueue(DELIVER, deliver_payload())
     assert queue.claim("w1", [INFER], LEASE_S) is None
     assert queue.claim("w1", [], LEASE_S) is None
     job = queue.claim("w1", [INFER, DELIVER], LEASE_S)
@@ -88,10 +94,10 @@ def test_claim_sets_running_fields_and_filters_kind(queue: JobQueue, clock: Fake
 
 
 def test_lock_key_excludes_a_second_running_job(queue: JobQueue) -> None:
-    a1 = queue.enqueue(INFER, {}, lock_key="study-A", priority=5)
-    a2 = queue.enqueue(INFER, {}, lock_key="study-A", priority=5)
-    b1 = queue.enqueue(INFER, {}, lock_key="study-B")
-    free = queue.enqueue(INFER, {})
+    a1 = queue.enqueue(INFER, infer_payload(), lock_key="study-A", priority=5)
+    a2 = queue.enqueue(INFER, infer_payload(), lock_key="study-A", priority=5)
+    b1 = queue.enqueue(INFER, infer_payload(), lock_key="study-B")
+    free = queue.enqueue(INFER, infer_payload())
 
     first = queue.claim("w1", [INFER], LEASE_S)
     assert first is not None and first.id == a1
@@ -106,7 +112,8 @@ def test_lock_key_excludes_a_second_running_job(queue: JobQueue) -> None:
 
 def test_no_double_claim_under_concurrency(queue: JobQueue) -> None:
     n_workers, n_jobs = 8, 50 * 8
-    job_ids = {queue.enqueue(INFER if i % 2 else DELIVER, {"i": i}) for i in range(n_jobs)}
+    kinds = [INFER if i % 2 else DELIVER for i in range(n_jobs)]
+    job_ids = {queue.enqueue(kind, payload_for(kind)) for kind in kinds}
     claimed: list[int] = []
     guard = threading.Lock()
 
@@ -130,7 +137,7 @@ def test_no_double_claim_under_concurrency(queue: JobQueue) -> None:
 def test_lock_key_exclusion_holds_under_concurrency(queue: JobQueue, engine: sa.Engine) -> None:
     keys = ["study-1", "study-2", "study-3"]
     for i in range(48):
-        queue.enqueue(INFER, {"i": i}, lock_key=keys[i % 3])
+        queue.enqueue(INFER, infer_payload(generation=i + 1), lock_key=keys[i % 3])
     running_per_key: list[int] = []
     guard = threading.Lock()
     count_running = (
@@ -155,8 +162,8 @@ def test_lock_key_exclusion_holds_under_concurrency(queue: JobQueue, engine: sa.
 
 
 def test_database_refuses_two_running_jobs_with_one_lock_key(queue: JobQueue, engine: sa.Engine) -> None:
-    a = queue.enqueue(INFER, {}, lock_key="study-A")
-    b = queue.enqueue(INFER, {}, lock_key="study-A")
+    a = queue.enqueue(INFER, infer_payload(), lock_key="study-A")
+    b = queue.enqueue(INFER, infer_payload(), lock_key="study-A")
     assert queue.claim("w1", [INFER], LEASE_S) is not None
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(sa.update(jobs).where(jobs.c.id == b).values(status="running"))
@@ -167,7 +174,7 @@ def test_database_refuses_two_running_jobs_with_one_lock_key(queue: JobQueue, en
 
 
 def test_heartbeat_and_lease_lost(queue: JobQueue, clock: FakeClock) -> None:
-    job_id = queue.enqueue(INFER, {})
+    job_id = queue.enqueue(INFER, infer_payload())
     assert queue.claim("w1", [INFER], LEASE_S) is not None
     clock.advance(10)
     assert queue.heartbeat(job_id, "w1") is True
@@ -189,7 +196,7 @@ def test_heartbeat_and_lease_lost(queue: JobQueue, clock: FakeClock) -> None:
 
 
 def test_backoff_then_dead_letter_after_max_attempts(queue: JobQueue, clock: FakeClock) -> None:
-    job_id = queue.enqueue(DELIVER, {"to": "pacs"})
+    job_id = queue.enqueue(DELIVER, deliver_payload())
     for attempt in (1, 2):
         job = queue.claim("w", [DELIVER], LEASE_S)
         assert job is not None and job.id == job_id and job.attempts == attempt
@@ -215,7 +222,7 @@ def test_backoff_then_dead_letter_after_max_attempts(queue: JobQueue, clock: Fak
 
 
 def test_permanent_failure_goes_straight_to_dead(queue: JobQueue) -> None:
-    job_id = queue.enqueue(DELIVER, {}, max_attempts=10)
+    job_id = queue.enqueue(DELIVER, deliver_payload(), max_attempts=10)
     assert queue.claim("w", [DELIVER], LEASE_S) is not None
     long_error = "association rejected " + "x" * 10_000
     assert queue.fail(job_id, "w", long_error, permanent=True) is JobStatus.DEAD
@@ -226,9 +233,9 @@ def test_permanent_failure_goes_straight_to_dead(queue: JobQueue) -> None:
 
 
 def test_recover_stalled_requeues_or_buries(queue: JobQueue, clock: FakeClock) -> None:
-    retryable = queue.enqueue(INFER, {}, max_attempts=3)
-    exhausted = queue.enqueue(INFER, {}, max_attempts=1)
-    healthy = queue.enqueue(INFER, {})
+    retryable = queue.enqueue(INFER, infer_payload(), max_attempts=3)
+    exhausted = queue.enqueue(INFER, infer_payload(), max_attempts=1)
+    healthy = queue.enqueue(INFER, infer_payload())
     assert queue.claim("gpu-0", [INFER], LEASE_S) is not None
     assert queue.claim("gpu-1", [INFER], LEASE_S) is not None
     clock.advance(LEASE_S / 2)
@@ -254,7 +261,7 @@ def test_recover_stalled_requeues_or_buries(queue: JobQueue, clock: FakeClock) -
 
 
 def test_retry_replays_a_dead_job(queue: JobQueue, clock: FakeClock) -> None:
-    job_id = queue.enqueue(DELIVER, {})
+    job_id = queue.enqueue(DELIVER, deliver_payload())
     assert queue.retry(job_id) is False  # queued: nothing to replay
     assert queue.claim("w", [DELIVER], LEASE_S) is not None
     assert queue.retry(job_id) is False  # running
@@ -270,9 +277,9 @@ def test_retry_replays_a_dead_job(queue: JobQueue, clock: FakeClock) -> None:
 
 
 def test_succeed_stores_result_and_counts(queue: JobQueue) -> None:
-    job_id = queue.enqueue(INFER, {})
-    queue.enqueue(INFER, {})
-    queue.enqueue(DELIVER, {})
+    job_id = queue.enqueue(INFER, infer_payload())
+    queue.enqueue(INFER, infer_payload())
+    queue.enqueue(DELIVER, deliver_payload())
     assert queue.claim("w", [INFER], LEASE_S) is not None
     queue.succeed(job_id, "w", {"seg_sop_instance_uid": "2.25.1"})
     job = queue.get(job_id)
@@ -290,8 +297,8 @@ def test_claim_racing_an_uncommitted_claim_of_the_same_lock_key(queue: JobQueue,
     """Another worker's claim of study-A is in flight (not committed) when we claim: we must not run
     a second study-A job. PostgreSQL: the partial unique index makes our UPDATE wait, then fail, then
     the retry skips the key. SQLite: BEGIN IMMEDIATE makes our claim wait for the other one."""
-    a1 = queue.enqueue(INFER, {}, lock_key="study-A", priority=1)
-    a2 = queue.enqueue(INFER, {}, lock_key="study-A", priority=1)
+    a1 = queue.enqueue(INFER, infer_payload(), lock_key="study-A", priority=1)
+    a2 = queue.enqueue(INFER, infer_payload(), lock_key="study-A", priority=1)
     with ThreadPoolExecutor(1) as pool, engine.connect() as conn:
         with conn.begin():
             conn.execute(sa.update(jobs).where(jobs.c.id == a1).values(status="running", worker_id="w1"))

@@ -18,6 +18,7 @@ from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import RESULTS, Spool
 from tests.contract.conftest import FakeClock
+from tests.support.payloads import infer_payload
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -60,7 +61,7 @@ class Node:
         assert self.repo.claim_series_for_routing(series_uid, row.generation, row.last_received_at)
         job_id = self.queue.enqueue(
             JobKind.INFER,
-            {"series_instance_uid": series_uid, "model": "ct-lung"},
+            infer_payload(series_instance_uid=series_uid, model="ct-lung"),
             lock_key=f"series:{series_uid}",
         )
         assert self.repo.mark_series(

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.stack import orthanc_with_node
+from dicom_ai_node.devtools.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series
 from tests.support.browser import VIEWPORT, ConsoleWatch, chromium
-from tests.support.node import NodeProcess
-from tests.support.stack import orthanc_with_node
-from tests.support.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

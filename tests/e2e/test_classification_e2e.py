@@ -5,6 +5,7 @@ same study (no SEG: a classifier has no region)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,12 +13,12 @@ import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.orthanc import OrthancServer, wait_for
+from dicom_ai_node.devtools.stack import orthanc_with_node
+from dicom_ai_node.devtools.synthetic import write_cr_image
 from dicom_ai_node.infer.volume import load_series
 from tests.support.classifier import MODEL_NAME, expected_probability, write_torchscript_classifier
-from tests.support.dcmtk import storescu
-from tests.support.orthanc import OrthancServer, wait_for
-from tests.support.stack import orthanc_with_node
-from tests.support.synthetic import write_cr_image
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +61,7 @@ def test_chest_cr_gets_a_classification_sr(tmp_path: Path) -> None:
     with orthanc_with_node(tmp_path, node_extra=node_config) as (orthanc, node):
         storescu([cr_path], orthanc.aet, orthanc.dicom_port)
 
-        def delivered() -> dict | None:  # type: ignore[type-arg]
+        def delivered() -> dict[str, Any] | None:
             jobs = [j for j in node.jobs() if j["kind"] == "deliver"]
             return jobs[0] if jobs and jobs[0]["status"] in ("succeeded", "dead") else None
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.support.datasets import ch2_mr_series
-from tests.support.dcmtk import storescp, storescu
-from tests.support.node import NodeProcess
+from dicom_ai_node.devtools.datasets import ch2_mr_series
+from dicom_ai_node.devtools.dcmtk import storescp, storescu
+from dicom_ai_node.devtools.node import NodeProcess
 
 pytestmark = pytest.mark.e2e
 

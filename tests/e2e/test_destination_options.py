@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -19,11 +20,11 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from tests.support.datasets import lung_ct_series
-from tests.support.dcmtk import storescu
-from tests.support.node import ROOT
-from tests.support.orthanc import OrthancServer, wait_for
-from tests.support.stack import orthanc_with_node
+from dicom_ai_node.devtools.datasets import lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.orthanc import OrthancServer, wait_for
+from dicom_ai_node.devtools.repo import ROOT
+from dicom_ai_node.devtools.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +63,7 @@ def test_labelmap_opt_in_and_fallback_to_plain_binary(tmp_path: Path) -> None:
         ct = lung_ct_series(tmp_path / "ct", "lung1")
         storescu(list(ct.paths), orthanc.aet, orthanc.dicom_port)
 
-        def delivered() -> list[dict] | None:  # type: ignore[type-arg]
+        def delivered() -> list[dict[str, Any]] | None:
             jobs = [j for j in node.jobs() if j["kind"] == "deliver"]
             done = len(jobs) == 2 and all(j["status"] in ("succeeded", "dead") for j in jobs)
             return jobs if done else None

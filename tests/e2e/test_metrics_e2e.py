@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.datasets import lung_ct_series
-from tests.support.dcmtk import storescu
-from tests.support.node import NodeProcess
-from tests.support.stack import orthanc_with_node
+from dicom_ai_node.devtools.datasets import lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 

@@ -30,11 +30,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from tests.support.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
-from tests.support.dcmtk import storescu
+from dicom_ai_node.devtools.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.stack import orthanc_with_node
 from tests.support.ohif import OhifMissingError, OhifServer, ViewerCapture, capture_seg_slice, check_installed
-from tests.support.orthanc import OrthancServer
-from tests.support.stack import orthanc_with_node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 

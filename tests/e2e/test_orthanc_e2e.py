@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from dicom_ai_node.devtools.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.stack import orthanc_with_node
+from dicom_ai_node.infer.base import SegmentationModel
 from dicom_ai_node.infer.registry import default_registry
 from dicom_ai_node.infer.volume import load_series
-from tests.support.datasets import SeriesInfo, ch2_mr_series, lung_ct_series
-from tests.support.dcmtk import storescu
-from tests.support.orthanc import OrthancServer
-from tests.support.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 
@@ -84,9 +85,9 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         jobs = node.jobs(limit=50)
         node_series = node.get_json("/api/series?limit=100")["items"]
         yield {
-            "mr": Outcome(mr, "mr-brain", **_paths(results[mr.study_instance_uid])),
-            "ct": Outcome(ct, CT_MODEL, **_paths(results[ct.study_instance_uid])),
-            "ct2": Outcome(ct2, CT_MODEL, **_paths(results[ct2.study_instance_uid])),
+            "mr": Outcome(mr, "mr-brain", *_paths(results[mr.study_instance_uid])),
+            "ct": Outcome(ct, CT_MODEL, *_paths(results[ct.study_instance_uid])),
+            "ct2": Outcome(ct2, CT_MODEL, *_paths(results[ct2.study_instance_uid])),
             "jobs": jobs,
             "node_series": node_series,
             "turnaround_s": turnaround,
@@ -94,8 +95,16 @@ def e2e(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
         }
 
 
-def _paths(files: dict[str, Path]) -> dict[str, Path]:
-    return {"seg_path": files["SEG"], "sr_path": files["SR"]}
+def _paths(files: dict[str, Path]) -> tuple[Path, Path]:
+    """(seg_path, sr_path) of an Outcome."""
+    return files["SEG"], files["SR"]
+
+
+def _measurement_report(sr_path: Path) -> hd.sr.MeasurementReport:
+    """The TID 1500 content of a stored SR (highdicom decodes it as a MeasurementReport)."""
+    content = hd.sr.srread(sr_path).content
+    assert isinstance(content, hd.sr.MeasurementReport), type(content)
+    return content
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +190,11 @@ def test_sr_volumes_match_the_seg_within_one_percent(e2e, key: str) -> None:  # 
     pixels = seg.get_pixels_by_source_instance(
         list(source.sop_instance_uids), segment_numbers=seg.get_segment_numbers()
     )
-    report = hd.sr.srread(outcome.sr_path).content
+    report = _measurement_report(outcome.sr_path)
     groups = report.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(seg.get_segment_numbers())
     for group in groups:
+        assert group.referenced_segment is not None  # TID 1411: every group points at its SEG segment
         number = int(group.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber)
         (measurement,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
         seg_cm3 = float(pixels[..., seg.get_segment_numbers().index(number)].sum()) * voxel_mm3 / 1000
@@ -206,6 +216,7 @@ def test_deepbet_brain_mask_dice_against_ch2bet(e2e, registry) -> None:  # type:
     segments = registry.get("mr-brain").segments
     brain = _decoded_label_map(outcome.seg_path, outcome.source, segments) > 0
     reference = outcome.source.reference_mask
+    assert reference is not None  # ch2_mr_series always writes ch2bet's mask
     dice = 2 * np.logical_and(brain, reference).sum() / (brain.sum() + reference.sum())
     print(f"deepbet Dice vs ch2bet through the node: {dice:.4f}; turnaround {e2e['turnaround_s']:.1f} s")
     assert dice >= 0.93
@@ -213,9 +224,10 @@ def test_deepbet_brain_mask_dice_against_ch2bet(e2e, registry) -> None:  # type:
 
 def test_ct_lungs_are_both_found_on_the_right_sides(e2e, model_masks, registry) -> None:  # type: ignore[no-untyped-def]
     volume, label_map = model_masks["ct"]
-    report = hd.sr.srread(e2e["ct"].sr_path).content
-    names = sorted(g.finding_type.meaning for g in report.get_volumetric_roi_measurement_groups())
-    assert names == ["Left lung", "Right lung"]
+    report = _measurement_report(e2e["ct"].sr_path)
+    finding_types = [g.finding_type for g in report.get_volumetric_roi_measurement_groups()]
+    assert None not in finding_types
+    assert sorted(t.meaning for t in finding_types if t is not None) == ["Left lung", "Right lung"]
     # Patient left is +x in LPS: the left lung's centroid must lie at larger x than the right's.
     xs = {}
     for label in (1, 2):
@@ -236,7 +248,9 @@ def test_ct_lung_matches_the_reference_masks_through_the_node(e2e, key) -> None:
 
     outcome: Outcome = e2e[key]
     case = "lung1" if key == "ct" else "lung2"
-    segments = default_registry("cpu").get(CT_MODEL).segments
+    model = default_registry("cpu").get(CT_MODEL)
+    assert isinstance(model, SegmentationModel)
+    segments = model.segments
     decoded = _decoded_label_map(outcome.seg_path, outcome.source, segments)
     reference = load_reference(case)
     assert decoded.shape == reference.shape

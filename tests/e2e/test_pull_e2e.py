@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.support.datasets import SeriesInfo, lung_ct_series
-from tests.support.dcmtk import storescu
-from tests.support.node import ROOT, NodeProcess
-from tests.support.orthanc import OrthancServer, wait_for
-from tests.support.stack import orthanc_with_node
+from dicom_ai_node.devtools.datasets import SeriesInfo, lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.orthanc import OrthancServer, wait_for
+from dicom_ai_node.devtools.repo import ROOT
+from dicom_ai_node.devtools.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 
@@ -77,8 +78,12 @@ def pulled(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
                 node, "pull", "--study", studies[method].study_instance_uid, "--from", source
             )
         for method, info in studies.items():
+
+            def has_results(study_instance_uid: str = info.study_instance_uid) -> bool:
+                return _results(orthanc, study_instance_uid) == {"SEG": 1, "SR": 1}
+
             orthanc.wait_for(
-                lambda info=info: _results(orthanc, info.study_instance_uid) == {"SEG": 1, "SR": 1},
+                has_results,
                 TIMEOUT_S,
                 what=f"SEG + SR of the study pulled over {method}\nnode log:\n{node.log_tail()}",
             )
@@ -118,11 +123,12 @@ def test_pulling_again_makes_no_second_job_or_result(pulled) -> None:  # type: i
     body = {"source": "orthanc-web", "study_instance_uid": info.study_instance_uid}
     job = node.post_json("/api/pull", body)
     assert job["kind"] == "pull"
-    done = wait_for(
-        lambda: (j := node.get_json(f"/api/jobs/{job['id']}"))["status"] in ("succeeded", "dead") and j,
-        60,
-        what="the pull job",
-    )
+
+    def finished() -> dict[str, Any] | None:
+        current: dict[str, Any] = node.get_json(f"/api/jobs/{job['id']}")
+        return current if current["status"] in ("succeeded", "dead") else None
+
+    done = wait_for(finished, 60, what="the pull job")
     assert done["status"] == "succeeded", done
     assert done["result"]["retrieved"] == n and done["result"]["duplicates"] == n
     assert done["result"]["skipped_series"] == 2  # the SEG and the SR

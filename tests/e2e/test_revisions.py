@@ -16,10 +16,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.support.datasets import lung_ct_series
-from tests.support.dcmtk import storescu
-from tests.support.orthanc import OrthancServer, wait_for
-from tests.support.stack import orthanc_with_node
+from dicom_ai_node.devtools.datasets import lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.orthanc import OrthancServer, wait_for
+from dicom_ai_node.devtools.stack import orthanc_with_node
 
 pytestmark = pytest.mark.e2e
 

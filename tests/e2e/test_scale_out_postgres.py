@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.support.datasets import lung_ct_series
-from tests.support.dcmtk import storescp, storescu
-from tests.support.node import ROOT, NodeProcess
+from dicom_ai_node.devtools.datasets import lung_ct_series
+from dicom_ai_node.devtools.dcmtk import storescp, storescu
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.repo import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 

@@ -18,14 +18,14 @@ import pytest
 import requests
 from pydicom import dcmread
 
+from dicom_ai_node.devtools.datasets import ch2_mr_series
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.stack import orthanc_with_node
+from dicom_ai_node.devtools.synthetic import write_mr_series
 from dicom_ai_node.domain.auth import Role
 from dicom_ai_node.persistence.accounts import AccountRepository
 from dicom_ai_node.persistence.db import make_engine
-from tests.support.datasets import ch2_mr_series
-from tests.support.node import NodeProcess
-from tests.support.orthanc import OrthancServer
-from tests.support.stack import orthanc_with_node
-from tests.support.synthetic import write_mr_series
 
 pytestmark = pytest.mark.e2e
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
@@ -94,9 +95,10 @@ def _walk(routes: Sequence[BaseRoute], prefix: str = "") -> Iterator[tuple[str, 
         if isinstance(route, Mount):
             yield "MOUNT", prefix + route.path
         elif isinstance(route, APIRoute):
-            yield from ((method, prefix + route.path) for method in route.methods)
+            yield from ((method, prefix + route.path) for method in route.methods or ())
         elif hasattr(route, "original_router"):  # FastAPI >= 0.160 keeps included routers as branches
-            yield from _walk(route.original_router.routes, prefix + route.include_context.prefix)
+            branch: Any = route  # that branch type is not public API: read its two attributes untyped
+            yield from _walk(branch.original_router.routes, prefix + branch.include_context.prefix)
         else:  # a plain starlette Route would bypass the auth dependencies: refuse it
             raise AssertionError(f"unexpected route type {type(route).__name__} at {route!r}")
 

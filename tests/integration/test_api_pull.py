@@ -78,7 +78,7 @@ def test_pull_is_queued_once_while_unfinished_and_shows_progress(env: ApiEnv) ->
     env.ctx.queue.set_progress(claimed.id, "w1", {"retrieved": 34, "expected": 48, "method": "C-MOVE"})
     detail = client.get(f"/api/jobs/{job['id']}", headers=env.token("viewer")).json()
     assert detail["result"] == {"progress": {"retrieved": 34, "expected": 48, "method": "C-MOVE"}}
-    assert detail["payload"] == {"source": "pacs", "study_instance_uid": STUDY}
+    assert detail["payload"] == {"version": 1, "source": "pacs", "study_instance_uid": STUDY}
     assert detail["timeline"] == []
     [event] = env.ctx.audit.list_events(action="pull.request", limit=1)
     assert event.target == f"study/{STUDY}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -27,7 +28,7 @@ CHECKS = [not_a_server_error, response_schema_conformance, content_type_conforma
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_error(case: schemathesis.Case) -> None:
+def test_no_server_error(case: schemathesis.Case[Any]) -> None:
     # A fresh token per case: a generated "revoke token 1" may well hit the previous one.
     response = case.call_and_validate(headers=_ENV.token("admin"), checks=CHECKS)
     STATUS_SEEN[response.status_code] += 1

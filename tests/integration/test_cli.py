@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.domain.jobs import JobKind
-from tests.support.synthetic import write_ct_series
 
 ROOT = Path(__file__).parents[2]
 
@@ -66,6 +66,7 @@ def test_jobs_list_and_retry(node_settings, tmp_path: Path) -> None:  # type: ig
     services = build_services(node_settings, migrate="upgrade")
     job_id = services.queue.enqueue(JobKind.DELIVER, {"destination": "pacs", "files": []})
     claimed = services.queue.claim("w1", [JobKind.DELIVER], 60)
+    assert claimed is not None
     services.queue.fail(claimed.id, "w1", "PermanentDeliveryError: association rejected", permanent=True)
     cfg = tmp_path / "node.yaml"
     cfg.write_text(
@@ -76,6 +77,7 @@ def test_jobs_list_and_retry(node_settings, tmp_path: Path) -> None:  # type: ig
     listed = cli("jobs", "list", "-c", str(cfg), "--status", "dead")
     assert listed.returncode == 0 and f"{job_id}" in listed.stdout and "association rejected" in listed.stdout
     assert cli("jobs", "retry", str(job_id), "-c", str(cfg)).returncode == 0
-    assert services.queue.get(job_id).status.value == "queued"
+    retried = services.queue.get(job_id)
+    assert retried is not None and retried.status.value == "queued"
     again = cli("jobs", "retry", str(job_id), "-c", str(cfg))
     assert again.returncode == 1 and "not dead or failed" in again.stderr

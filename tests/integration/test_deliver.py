@@ -10,12 +10,12 @@ from pydicom import dcmread
 
 from dicom_ai_node.config import Destination
 from dicom_ai_node.deliver.dimse import DicomPeer, echo, send_files
+from dicom_ai_node.devtools.dcmtk import storescp
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_ai_node.node import build_services, build_workers
 from tests.conftest import free_port
-from tests.support.dcmtk import storescp
-from tests.support.synthetic import write_ct_series
 
 
 @pytest.fixture

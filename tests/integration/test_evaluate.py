@@ -25,6 +25,7 @@ from pydicom.uid import (
 )
 from typer.testing import CliRunner
 
+from dicom_ai_node.devtools.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series
 from dicom_ai_node.domain.results import OutputIdentity, RuleIdentity, SegmentSpec
 from dicom_ai_node.encode import encode_seg, result_uids
 from dicom_ai_node.encode.seg import SegFormat
@@ -35,7 +36,6 @@ from dicom_ai_node.infer.base import SegmentationModel
 from dicom_ai_node.infer.manifest import load_manifest, sha256_of
 from dicom_ai_node.infer.registry import ModelRegistry, build_model, default_registry
 from dicom_ai_node.infer.volume import Volume, load_series, to_nifti_ras
-from tests.support.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series
 
 LUNG_MODEL = "ct-lung-classical"
 RIGHT, LEFT = 1, 2
@@ -68,7 +68,15 @@ def _write_seg(volume: Volume, labels: np.ndarray, segments: list[SegmentSpec], 
     model = default_registry("cpu").get(LUNG_MODEL).identity  # the SEG's author: any identity will do
     rule = RuleIdentity("reference", 1)
     uids = result_uids(volume.series_instance_uid, model, rule, 1)
-    seg = encode_seg(volume.datasets, labels, segments, model, rule, OutputIdentity(), uids)
+    seg = encode_seg(
+        source_datasets=volume.datasets,
+        label_map=labels,
+        segments=segments,
+        model=model,
+        rule=rule,
+        identity=OutputIdentity(),
+        uids=uids,
+    )
     assert seg is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
@@ -378,24 +386,29 @@ def test_seg_on_other_instances_is_mapped_by_patient_position(
     lung_model = registry.get(LUNG_MODEL)
     assert isinstance(lung_model, SegmentationModel)
     frame_of_reference = generate_uid()
-    geometry = {"n_slices": 12, "pixel_spacing": (6.0, 6.0), "slice_thickness": 10.0}
-    drawn_on = load_series(
-        write_ct_series(tmp_path / "a", frame_of_reference_uid=frame_of_reference, **geometry)
-    )
-    evaluated = load_series(
-        write_ct_series(tmp_path / "b", frame_of_reference_uid=frame_of_reference, **geometry)
-    )
+
+    def export(directory: Path) -> list[Path]:  # one acquisition's geometry, fresh SOP instances
+        return write_ct_series(
+            directory,
+            n_slices=12,
+            pixel_spacing=(6.0, 6.0),
+            slice_thickness=10.0,
+            frame_of_reference_uid=frame_of_reference,
+        )
+
+    drawn_on = load_series(export(tmp_path / "a"))
+    evaluated = load_series(export(tmp_path / "b"))
     labels = _phantom_labels(drawn_on)
     rule = RuleIdentity("reference", 1)
     uids = result_uids(drawn_on.series_instance_uid, lung_model.identity, rule, 1)
     seg = encode_seg(
-        drawn_on.datasets,
-        labels,
-        lung_model.segments,
-        lung_model.identity,
-        rule,
-        OutputIdentity(),
-        uids,
+        source_datasets=drawn_on.datasets,
+        label_map=labels,
+        segments=lung_model.segments,
+        model=lung_model.identity,
+        rule=rule,
+        identity=OutputIdentity(),
+        uids=uids,
         seg_format=seg_format,
     )
     assert seg is not None

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from dicom_ai_node.config import HttpSettings
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.ports import free_port
 from dicom_ai_node.domain.auth import Role
 from dicom_ai_node.node_admin import insecure_http_warning
 from dicom_ai_node.persistence.accounts import AccountRepository
 from dicom_ai_node.persistence.db import make_engine
-from tests.support.node import NodeProcess, free_port
 
 PASSWORD = "a long enough password"
 

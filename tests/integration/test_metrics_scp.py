@@ -6,17 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom import Dataset, dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
 
 from dicom_ai_node.config import NodeSettings
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.node import Services, build_services
 from dicom_ai_node.receive.scp import StorageSCP
-from tests.support.dcmtk import storescu
-from tests.support.synthetic import write_ct_series
 
 
 @pytest.fixture
@@ -31,7 +30,7 @@ def scp_with_metrics(node_settings: NodeSettings) -> Iterator[tuple[StorageSCP, 
         scp.stop()
 
 
-def _send_one(port: int, ds: object) -> int:
+def _send_one(port: int, ds: Dataset) -> int:
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from dicom_ai_node.config import Destination, NodeSettings
+from dicom_ai_node.devtools.dcmtk import storescp, storescu
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
+from dicom_ai_node.domain.payloads import DeliverPayload, InferPayload
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.node import Services, build_services
 from dicom_ai_node.receive.scp import StorageSCP
-from dicom_ai_node.worker.runner import Worker
-from dicom_ai_node.worker.stages import StageContext, run_deliver, run_infer
+from dicom_ai_node.worker.context import StageContext
+from dicom_ai_node.worker.runner import JobHandler, Worker
+from dicom_ai_node.worker.stages import run_deliver, run_infer
 from tests.conftest import free_port
-from tests.support.dcmtk import storescp, storescu
 from tests.support.host_models import tiny_registry
-from tests.support.synthetic import write_ct_series
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +52,15 @@ def _workers(
     settings: NodeSettings, services: Services, host: InferenceHost, metrics: NodeMetrics
 ) -> dict[JobKind, Worker]:
     ctx = StageContext(settings, services.repo, services.queue, services.spool, host, "test", metrics)
-    handlers = {
-        JobKind.INFER: lambda job: run_infer(job, ctx),
-        JobKind.DELIVER: lambda job: run_deliver(job, ctx),
+    handlers: dict[JobKind, JobHandler[Any]] = {
+        JobKind.INFER: JobHandler(InferPayload, lambda job, payload: run_infer(job, payload, ctx)),
+        JobKind.DELIVER: JobHandler(DeliverPayload, lambda job, payload: run_deliver(job, payload, ctx)),
     }
     return {
         kind: Worker(
             services.queue, handlers, [kind], lease_s=60, heartbeat_s=10, poll_interval_s=0.1, metrics=metrics
         )
-        for kind in JobKind
+        for kind in handlers
     }
 
 
@@ -77,6 +80,7 @@ def _infer_job(services: Services, series_uid: str) -> int:
         JobKind.INFER,
         {
             "series_instance_uid": series_uid,
+            "study_instance_uid": "1.2.3",
             "model": "threshold",
             "rule_id": "ct-test",
             "rule_version": 1,
@@ -100,7 +104,8 @@ def test_a_series_through_infer_and_deliver_moves_each_metric_once(
 
         assert workers[JobKind.INFER].run_one() is not None
         infer = services.queue.get(infer_id)
-        assert infer is not None and infer.status == JobStatus.SUCCEEDED, infer.last_error
+        assert infer is not None
+        assert infer.status == JobStatus.SUCCEEDED, infer.last_error
         for stage in ("load", "infer", "encode"):
             assert value("ainode_stage_duration_seconds_count", {"stage": stage, "model": "threshold"}) == 1
         assert value("ainode_jobs_finished_total", {"kind": "infer", "status": "succeeded"}) == 1
@@ -113,7 +118,8 @@ def test_a_series_through_infer_and_deliver_moves_each_metric_once(
     assert value("ainode_delivery_failures_total", {"destination": "pacs"}) is None
     assert value("ainode_receive_to_delivered_seconds_count") == 1
     # The series arrived seconds ago in this test, not hours.
-    assert 0 < value("ainode_receive_to_delivered_seconds_sum") < 120
+    turnaround_s = value("ainode_receive_to_delivered_seconds_sum")
+    assert turnaround_s is not None and 0 < turnaround_s < 120
     assert value("ainode_jobs_finished_total", {"kind": "deliver", "status": "succeeded"}) == 1
     assert value("ainode_jobs", {"kind": "deliver", "status": "succeeded"}) == 1
     assert value("ainode_queue_depth", {"kind": "deliver"}) == 0

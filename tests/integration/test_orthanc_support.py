@@ -1,6 +1,6 @@
 """The test harness itself against real peers: Debian's Orthanc with orthanc-dev's config and Lua
 auto-forward, DCMTK storescu, and a pynetdicom storage SCP standing in for the node; plus the geometry of
-the real-data series of tests/support/datasets.py.
+the real-data series of dicom_ai_node/devtools/datasets.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from tests.support.datasets import (
+from dicom_ai_node.devtools.datasets import (
     CH2_PATH,
     CH2BET_PATH,
     RAS_TO_LPS,
@@ -31,9 +31,9 @@ from tests.support.datasets import (
     lung_ct_series,
     lung_data_available,
 )
-from tests.support.dcmtk import storescu
-from tests.support.node import free_port
-from tests.support.orthanc import OrthancServer
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.ports import free_port
 from tests.support.tools import require, require_executable
 
 NODE_AET = "AINODE"

@@ -6,11 +6,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dicom_ai_node.config import NodeSettings, RetentionSettings
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.node import build_scheduler, build_services, build_workers
 from dicom_ai_node.persistence import InstanceRecord, SeriesStatus
 from dicom_ai_node.store.retention import RetentionSweep
-from tests.support.synthetic import write_ct_series
 
 
 def test_the_node_schedules_retention_unless_it_is_off(node_settings: NodeSettings) -> None:
@@ -51,6 +51,7 @@ def test_infer_job_of_a_purged_series_says_to_send_it_again(
         JobKind.INFER,
         {
             "series_instance_uid": series_uid,
+            "study_instance_uid": "1.2.3",
             "model": "ct-lung",
             "rule_id": "ct-chest-lungs",
             "rule_version": 2,

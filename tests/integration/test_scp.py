@@ -7,27 +7,31 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
-from tests.support.dcmtk import storescu
-from tests.support.synthetic import write_ct_series
+from dicom_ai_node.config import NodeSettings
+from dicom_ai_node.devtools.dcmtk import storescu
+from dicom_ai_node.devtools.synthetic import write_ct_series
+from tests.conftest import RunningScp
 
 
 def _storescu(files: list[Path], port: int, calling: str = "STORESCU") -> None:
     storescu(files, "AINODE", port, calling)
 
 
-def _assoc(port: int, calling: str = "TESTSCU"):  # type: ignore[no-untyped-def]
+def _assoc(port: int, calling: str = "TESTSCU") -> Association:
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.add_requested_context(Verification)
     return ae.associate("127.0.0.1", port, ae_title="AINODE")
 
 
-def test_storescu_series_is_persisted_with_files_and_rows(running_scp, tmp_path: Path) -> None:
+def test_storescu_series_is_persisted_with_files_and_rows(running_scp: RunningScp, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", n_slices=8)
     _storescu(files, running_scp.port)
     services = running_scp.services
@@ -46,22 +50,23 @@ def test_storescu_series_is_persisted_with_files_and_rows(running_scp, tmp_path:
     assert list(services.spool.incoming.iterdir()) == []
 
 
-def test_duplicate_instance_is_stored_once(running_scp, tmp_path: Path) -> None:
+def test_duplicate_instance_is_stored_once(running_scp: RunningScp, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", n_slices=3)
     _storescu(files, running_scp.port)
     _storescu(files[:1], running_scp.port)  # answered Success again
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    assert running_scp.services.repo.get_series(series_uid).instance_count == 3
+    row = running_scp.services.repo.get_series(series_uid)
+    assert row is not None and row.instance_count == 3
     spooled = list((running_scp.services.spool.root / "instances").rglob("*.dcm"))
     assert len(spooled) == 3
 
 
-def test_unknown_calling_ae_is_rejected(running_scp) -> None:
+def test_unknown_calling_ae_is_rejected(running_scp: RunningScp) -> None:
     assoc = _assoc(running_scp.port, calling="INTRUDER")
     assert assoc.is_rejected
 
 
-def test_echo(running_scp) -> None:
+def test_echo(running_scp: RunningScp) -> None:
     assoc = _assoc(running_scp.port)
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0x0000
@@ -71,18 +76,18 @@ def test_echo(running_scp) -> None:
 def _garbage_file(path: Path, sop_instance_uid: str) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     with open(path, "wb") as fh:
         fh.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fh, meta)
+        write_file_meta_info(DicomFileLike(fh), meta)
         # An element header declaring a 4 GB value that is not there, then junk.
         fh.write(b"\x08\x00\x18\x00UI\xff\xff" + b"\x01\x02\x03" * 50)
     return path
 
 
 def test_corrupt_dataset_gets_failure_status_and_node_keeps_serving(
-    running_scp, tmp_path: Path, caplog
+    running_scp: RunningScp, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad_uid = generate_uid()
     bad = _garbage_file(tmp_path / "bad.dcm", bad_uid)
@@ -101,7 +106,7 @@ def test_corrupt_dataset_gets_failure_status_and_node_keeps_serving(
     _storescu(files, running_scp.port)
 
 
-def test_missing_series_uid_is_refused_with_a900(running_scp, tmp_path: Path) -> None:
+def test_missing_series_uid_is_refused_with_a900(running_scp: RunningScp, tmp_path: Path) -> None:
     files = write_ct_series(tmp_path / "ct", n_slices=1)
     ds = dcmread(files[0])
     del ds.SeriesInstanceUID
@@ -111,7 +116,7 @@ def test_missing_series_uid_is_refused_with_a900(running_scp, tmp_path: Path) ->
     assert status.Status == 0xA900
 
 
-def test_disk_under_reserve_refuses_with_a700(node_settings, tmp_path: Path) -> None:
+def test_disk_under_reserve_refuses_with_a700(node_settings: NodeSettings, tmp_path: Path) -> None:
     from dicom_ai_node.node import build_services
     from dicom_ai_node.receive.scp import StorageSCP
 

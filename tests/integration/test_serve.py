@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.node import free_port
+from dicom_ai_node.devtools.ports import free_port
 
 
 def _serve(tmp_path: Path, dicom_port: int, http_port: int) -> subprocess.CompletedProcess[str]:

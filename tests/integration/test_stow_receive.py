@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import UID
 
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.domain.auth import Role
 from dicom_ai_node.domain.ingest import StowLimits
 from dicom_ai_node.receive.ingest import stow_ingest
 from dicom_ai_node.store.spool import Spool
 from tests.support.admin_api import PASSWORD, ApiEnv, make_api
-from tests.support.synthetic import write_ct_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 BOUNDARY = "stow-test-boundary"
@@ -139,7 +140,8 @@ def test_instances_of_another_study_fail_with_a900(stow: Stow, series: list[Path
 def test_a_sop_class_the_node_does_not_accept_fails_with_0122(stow: Stow, tmp_path: Path) -> None:
     [path] = write_ct_series(tmp_path / "sr", n_slices=1, rows=32, cols=32)
     ds = dcmread(path)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    basic_text_sr = UID("1.2.840.10008.5.1.4.1.1.88.11")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = basic_text_sr
     ds.save_as(path)
     r = stow.post(multipart([path.read_bytes()]))
     assert r.status_code == 409 and _failed(r) == [(str(ds.SOPInstanceUID), 0x0122)]

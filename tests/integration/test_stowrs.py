@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_ai_node.config import Destination
+from dicom_ai_node.config import Destination, NodeSettings
 from dicom_ai_node.deliver.stowrs import find_sop_instances, store_instances
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.ports import free_port
+from dicom_ai_node.devtools.synthetic import write_ct_series
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_ai_node.node import build_services, build_workers
-from tests.support.node import free_port
-from tests.support.orthanc import OrthancServer
-from tests.support.synthetic import write_ct_series
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_stow_then_qido_finds_every_instance(orthanc: OrthancServer, tmp_path: P
 
 
 def test_deliver_job_to_a_dicomweb_destination_is_verified(
-    orthanc: OrthancServer, node_settings, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    orthanc: OrthancServer, node_settings: NodeSettings, tmp_path: Path
+) -> None:
     settings = node_settings.model_copy(
         update={"destinations": [Destination(name="web", type="dicomweb", url=orthanc.dicomweb_url)]}
     )

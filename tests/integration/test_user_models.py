@@ -32,17 +32,18 @@ import pytest
 import torch
 import yaml
 
+from dicom_ai_node.devtools.synthetic import write_cr_image, write_mr_series
 from dicom_ai_node.domain.results import OutputIdentity, RuleIdentity
 from dicom_ai_node.encode.seg import encode_seg
 from dicom_ai_node.encode.uids import result_uids
 from dicom_ai_node.errors import ConfigError, InferenceError
-from dicom_ai_node.infer.bundle import BundleModel, manifest_from_bundle, verify_bundle
+from dicom_ai_node.infer.bundle import BundleModel
+from dicom_ai_node.infer.bundle_manifest import manifest_from_bundle, verify_bundle
 from dicom_ai_node.infer.manifest import load_manifest
 from dicom_ai_node.infer.registry import build_model, discover_manifests
 from dicom_ai_node.infer.volume import Volume, load_series
-from tests.support.synthetic import write_cr_image, write_mr_series
 
-# The MR phantom: head 300, brain 900 (tests/support/synthetic.py); every network here thresholds at 600.
+# The MR phantom: head 300, brain 900 (dicom_ai_node/devtools/synthetic.py); every network here thresholds at 600.
 THRESHOLD = 600.0
 BRAIN = {"value": "12738006", "scheme": "SCT", "meaning": "Brain"}
 # DICOM CID 6105 (Abnormal Lucency Finding or Feature): SCT 36118008 "Pneumothorax".
@@ -134,6 +135,7 @@ def sha256(path: Path) -> str:
 def threshold_conv(scale: float) -> torch.nn.Conv3d:
     """1x1x1 conv with logits [0, scale * (x - t)]: argmax/softmax is a threshold at t in model units."""
     conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+    assert conv.bias is not None  # bias=True is Conv3d's default
     with torch.no_grad():
         conv.weight.zero_()
         conv.bias.zero_()
@@ -515,13 +517,13 @@ def test_torchscript_segmenter_mask_and_seg_line_up_with_the_source(tmp_path: Pa
 
     rule = RuleIdentity("mr-brain-user", 1)
     seg = encode_seg(
-        volume.datasets,
-        mask,
-        model.segments,
-        model.identity,
-        rule,
-        OutputIdentity(),
-        result_uids(volume.series_instance_uid, model.identity, rule),
+        source_datasets=volume.datasets,
+        label_map=mask,
+        segments=model.segments,
+        model=model.identity,
+        rule=rule,
+        identity=OutputIdentity(),
+        uids=result_uids(volume.series_instance_uid, model.identity, rule),
     )
     assert seg is not None
     seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_to_bytes(seg)))

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import pydicom
 
+from dicom_ai_node.devtools.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME
 from dicom_ai_node.domain.results import (
     SCT_ANATOMICAL_STRUCTURE,
     SCT_LUNG,
@@ -27,7 +28,6 @@ from dicom_ai_node.domain.results import (
 from dicom_ai_node.errors import InferenceError
 from dicom_ai_node.infer.registry import ModelRegistry
 from dicom_ai_node.infer.volume import Volume
-from tests.support.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME
 
 THRESHOLD = 100.0
 FOUND_NOTHING = "no lung found in the phantom"

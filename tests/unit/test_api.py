@@ -312,6 +312,7 @@ def _infer_and_deliver(queue: JobQueue) -> tuple[int, int]:
         JobKind.INFER,
         {
             "series_instance_uid": CT_SERIES,
+            "study_instance_uid": "1.2.826.0.1.3680043.8.498.99",
             "rule_id": "ct-chest-lungs",
             "rule_version": 2,
             "model": "ct-lung",
@@ -345,7 +346,9 @@ def test_jobs_filters_detail_and_timeline(env: ApiEnv, admin: TestClient) -> Non
         JobKind.INFER,
         {
             "series_instance_uid": "9.8.7",
+            "study_instance_uid": "9.8",
             "rule_id": "mr-brain-extraction",
+            "rule_version": 1,
             "model": "mr-brain",
             "destinations": ["pacs"],
         },
@@ -353,7 +356,10 @@ def test_jobs_filters_detail_and_timeline(env: ApiEnv, admin: TestClient) -> Non
     page = admin.get("/api/jobs", params={"limit": 2}).json()
     assert page["total"] == 3 and [j["id"] for j in page["items"]] == [other, deliver_id]
     assert [j["id"] for j in admin.get("/api/jobs", params={"offset": 2}).json()["items"]] == [infer_id]
-    by = lambda **q: [j["id"] for j in admin.get("/api/jobs", params=q).json()["items"]]  # noqa: E731
+
+    def by(**q: str) -> list[int]:
+        return [j["id"] for j in admin.get("/api/jobs", params=q).json()["items"]]
+
     assert by(kind="deliver") == [deliver_id]
     assert by(status="succeeded") == [infer_id]
     assert by(rule_id="mr-brain-extraction") == [other]

@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_ai_node.devtools.synthetic import write_cr_image
 from dicom_ai_node.domain.results import (
     CodedConcept,
     FindingResult,
@@ -27,7 +28,6 @@ from dicom_ai_node.encode.classification_sr import encode_classification_sr
 from dicom_ai_node.encode.uids import result_uids
 from dicom_ai_node.errors import EncodeError
 from dicom_ai_node.infer.volume import load_series
-from tests.support.synthetic import write_cr_image
 from tests.support.tools import require_executable
 
 PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
@@ -52,7 +52,8 @@ def _groups(sr: Dataset) -> list[Dataset]:
 
 
 def _child(group: Dataset, code: str) -> Dataset:
-    return next(i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == code)
+    child: Dataset = next(i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == code)
+    return child
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,14 @@ def test_findings_become_groups_with_presence_and_probability(
         FindingResult(FindingSpec(EFFUSION, 0.3), 0.12),
     ]
     uids = result_uids(str(cr_headers[0].SeriesInstanceUID), MODEL, RULE)
-    sr = encode_classification_sr(cr_headers, findings, MODEL, RULE, OutputIdentity(), uids)
+    sr = encode_classification_sr(
+        source_datasets=cr_headers,
+        findings=findings,
+        model=MODEL,
+        rule=RULE,
+        identity=OutputIdentity(),
+        uids=uids,
+    )
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     sr = dcmread(path)
@@ -114,8 +122,22 @@ def test_findings_become_groups_with_presence_and_probability(
 def test_same_inputs_give_the_same_sr_uids(cr_headers: list[Dataset]) -> None:
     findings = [FindingResult(FindingSpec(PNEUMOTHORAX), 0.4)]
     uids = result_uids(str(cr_headers[0].SeriesInstanceUID), MODEL, RULE)
-    first = encode_classification_sr(cr_headers, findings, MODEL, RULE, OutputIdentity(), uids)
-    second = encode_classification_sr(cr_headers, findings, MODEL, RULE, OutputIdentity(), uids)
+    first = encode_classification_sr(
+        source_datasets=cr_headers,
+        findings=findings,
+        model=MODEL,
+        rule=RULE,
+        identity=OutputIdentity(),
+        uids=uids,
+    )
+    second = encode_classification_sr(
+        source_datasets=cr_headers,
+        findings=findings,
+        model=MODEL,
+        rule=RULE,
+        identity=OutputIdentity(),
+        uids=uids,
+    )
     assert first.SOPInstanceUID == second.SOPInstanceUID
     tracking = [
         [str(i.UID) for i in _walk(list(sr.ContentSequence)) if i.ValueType == "UIDREF"]
@@ -128,7 +150,19 @@ def test_bad_probability_and_no_findings_are_refused(cr_headers: list[Dataset]) 
     uids = result_uids(str(cr_headers[0].SeriesInstanceUID), MODEL, RULE)
     with pytest.raises(EncodeError, match="outside 0..1"):
         encode_classification_sr(
-            cr_headers, [FindingResult(FindingSpec(PNEUMOTHORAX), 1.5)], MODEL, RULE, OutputIdentity(), uids
+            source_datasets=cr_headers,
+            findings=[FindingResult(FindingSpec(PNEUMOTHORAX), 1.5)],
+            model=MODEL,
+            rule=RULE,
+            identity=OutputIdentity(),
+            uids=uids,
         )
     with pytest.raises(EncodeError, match="no findings"):
-        encode_classification_sr(cr_headers, [], MODEL, RULE, OutputIdentity(), uids)
+        encode_classification_sr(
+            source_datasets=cr_headers,
+            findings=[],
+            model=MODEL,
+            rule=RULE,
+            identity=OutputIdentity(),
+            uids=uids,
+        )

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_ai_node.devtools.synthetic import FAKE_PATIENT_ID, write_ct_series, write_mr_series
 from dicom_ai_node.domain.results import (
     SCT_ANATOMICAL_STRUCTURE,
     SCT_BRAIN,
@@ -41,7 +42,6 @@ from dicom_ai_node.encode import (
     write_dataset,
 )
 from dicom_ai_node.errors import EncodeError, InferenceError
-from tests.support.synthetic import FAKE_PATIENT_ID, write_ct_series, write_mr_series
 from tests.support.tools import require_executable
 
 MODEL = ModelIdentity(name="lungseg", version="1.2.0")
@@ -192,10 +192,26 @@ def encode_and_write(
 ) -> tuple[Dataset | None, Dataset, Path | None, Path]:
     uids = result_uids(series.headers[0].SeriesInstanceUID, MODEL, RULE)
     seg = encode_seg(
-        series.headers, label_map, segments, MODEL, RULE, IDENTITY, uids, omit_empty_frames=omit_empty_frames
+        label_map=label_map,
+        segments=segments,
+        omit_empty_frames=omit_empty_frames,
+        source_datasets=series.headers,
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
     )
     measurements = measure(label_map, segments, voxel_volume_mm3(series.headers))
-    sr = encode_sr(series.headers, seg, measurements, MODEL, RULE, IDENTITY, uids, segments=segments)
+    sr = encode_sr(
+        seg=seg,
+        measurements=measurements,
+        segments=segments,
+        source_datasets=series.headers,
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
+    )
     seg_path = None
     if seg is not None:
         seg_path = tmp_path / "seg.dcm"
@@ -409,8 +425,24 @@ def test_nothing_found_gives_no_seg_and_a_valid_not_found_sr(tmp_path: Path, ct:
 def test_encoding_twice_gives_identical_identity(ct: Series) -> None:
     label_map = two_segment_map(ct.shape, 1, 2)
     uids = result_uids(ct.headers[0].SeriesInstanceUID, MODEL, RULE)
-    first = encode_seg(ct.headers, label_map, [LEFT, RIGHT], MODEL, RULE, IDENTITY, uids)
-    again = encode_seg(ct.headers, label_map, [LEFT, RIGHT], MODEL, RULE, IDENTITY, uids)
+    first = encode_seg(
+        source_datasets=ct.headers,
+        label_map=label_map,
+        segments=[LEFT, RIGHT],
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
+    )
+    again = encode_seg(
+        source_datasets=ct.headers,
+        label_map=label_map,
+        segments=[LEFT, RIGHT],
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
+    )
     assert first is not None and again is not None
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (again.SeriesInstanceUID, again.SOPInstanceUID)
     assert [s.TrackingUID for s in first.SegmentSequence] == [s.TrackingUID for s in again.SegmentSequence]
@@ -438,9 +470,25 @@ def test_label_map_off_the_source_grid_is_refused(ct: Series) -> None:
     n, rows, cols = ct.shape
     for shape in ((n - 1, rows, cols), (n, rows, cols + 1), (rows, cols)):
         with pytest.raises(EncodeError):
-            encode_seg(ct.headers, np.ones(shape, np.uint8), [LEFT], MODEL, RULE, IDENTITY, uids)
+            encode_seg(
+                source_datasets=ct.headers,
+                label_map=np.ones(shape, np.uint8),
+                segments=[LEFT],
+                model=MODEL,
+                rule=RULE,
+                identity=IDENTITY,
+                uids=uids,
+            )
     with pytest.raises(EncodeError):
-        encode_seg(ct.headers, np.ones(ct.shape, np.float32), [LEFT], MODEL, RULE, IDENTITY, uids)
+        encode_seg(
+            source_datasets=ct.headers,
+            label_map=np.ones(ct.shape, np.float32),
+            segments=[LEFT],
+            model=MODEL,
+            rule=RULE,
+            identity=IDENTITY,
+            uids=uids,
+        )
 
 
 def test_undeclared_label_value_is_an_inference_error(ct: Series) -> None:
@@ -485,7 +533,16 @@ def test_display_cielab_matches_srgb_reference_values() -> None:
 
 def test_write_dataset_writes_part10(tmp_path: Path, ct: Series) -> None:
     uids = result_uids(ct.headers[0].SeriesInstanceUID, MODEL, RULE)
-    seg = encode_seg(ct.headers, two_segment_map(ct.shape, 1, 2), [LEFT, RIGHT], MODEL, RULE, IDENTITY, uids)
+    label_map = two_segment_map(ct.shape, 1, 2)
+    seg = encode_seg(
+        source_datasets=ct.headers,
+        label_map=label_map,
+        segments=[LEFT, RIGHT],
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
+    )
     assert seg is not None
     path = tmp_path / "out.dcm"
     write_dataset(seg, path)
@@ -513,10 +570,26 @@ def test_sr_without_segment_list_takes_codes_from_the_seg(tmp_path: Path, mr: Se
     segments = [LEFT, RIGHT, BRAIN]
     label_map = two_segment_map(mr.shape, LEFT.label_value, BRAIN.label_value)
     uids = result_uids(mr.headers[0].SeriesInstanceUID, MODEL, RULE)
-    seg = encode_seg(mr.headers, label_map, segments, MODEL, RULE, IDENTITY, uids)
+    seg = encode_seg(
+        label_map=label_map,
+        segments=segments,
+        source_datasets=mr.headers,
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
+    )
     assert seg is not None
     measurements = measure(label_map, segments, voxel_volume_mm3(mr.headers))
-    sr = encode_sr(mr.headers, seg, measurements, MODEL, RULE, IDENTITY, uids)  # no segments=
+    sr = encode_sr(
+        seg=seg,
+        measurements=measurements,
+        source_datasets=mr.headers,
+        model=MODEL,
+        rule=RULE,
+        identity=IDENTITY,
+        uids=uids,
+    )  # no segments=
     sr_path = tmp_path / "sr.dcm"
     write_dataset(sr, sr_path)
     assert run_dciodvfy(sr_path) == []
@@ -552,9 +625,26 @@ def test_single_component_patient_name_is_not_quoted_in_warnings(ct: Series) -> 
     uids = result_uids(ct.headers[0].SeriesInstanceUID, MODEL, RULE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        seg = encode_seg(series.headers, label_map, [LEFT, RIGHT], MODEL, RULE, IDENTITY, uids)
+        seg = encode_seg(
+            label_map=label_map,
+            segments=[LEFT, RIGHT],
+            source_datasets=series.headers,
+            model=MODEL,
+            rule=RULE,
+            identity=IDENTITY,
+            uids=uids,
+        )
         measurements = measure(label_map, [LEFT, RIGHT], voxel_volume_mm3(series.headers))
-        encode_sr(series.headers, seg, measurements, MODEL, RULE, IDENTITY, uids, segments=[LEFT, RIGHT])
+        encode_sr(
+            seg=seg,
+            measurements=measurements,
+            segments=[LEFT, RIGHT],
+            source_datasets=series.headers,
+            model=MODEL,
+            rule=RULE,
+            identity=IDENTITY,
+            uids=uids,
+        )
     assert not [w for w in caught if "SECRETNAME" in str(w.message)]
 
 

@@ -38,7 +38,7 @@ def _volume() -> tuple[Volume, np.ndarray]:
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "native"])
 def test_round_trip_lands_on_the_exact_source_grid(orientation: str) -> None:
     volume, labels = _volume()
-    prepared, grid = to_model_grid(volume, InputSpec(orientation=orientation, spacing_mm=(2.0, 2.0, 2.0)))  # type: ignore[arg-type]
+    prepared, grid = to_model_grid(volume, InputSpec(orientation=orientation, spacing_mm=(2.0, 2.0, 2.0)))
     assert prepared.shape == (1, *grid.model_shape)
     assert grid.model_spacing == pytest.approx((2.0, 2.0, 2.0), rel=0.05)
     on_model = label_map_to_model_grid(labels, grid)

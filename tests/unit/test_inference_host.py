@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dicom_ai_node.devtools.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series
 from dicom_ai_node.errors import InferenceError, InferenceTimeoutError
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.transfer import (
@@ -36,7 +37,6 @@ from tests.support.host_models import (
     make_volume,
     tiny_registry,
 )
-from tests.support.synthetic import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, write_ct_series
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 2.0

@@ -6,16 +6,19 @@ import logging
 import re
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus, QueueStats
+from dicom_ai_node.domain.payloads import DeliverPayload
 from dicom_ai_node.errors import PermanentDeliveryError, TransientDeliveryError
 from dicom_ai_node.metrics import CONTENT_TYPE, NodeMetrics, start_metrics_server, status_label
 from dicom_ai_node.persistence.db import create_schema, make_engine
-from dicom_ai_node.persistence.queue import JobQueue
-from dicom_ai_node.worker.runner import Worker
+from dicom_ai_node.persistence.queue import Job, JobQueue
+from dicom_ai_node.worker.runner import JobHandler, Worker
+from tests.support.payloads import infer_payload
 
 FAMILIES = [
     "ainode_instances_received",
@@ -172,18 +175,19 @@ def test_queue_counts_of_a_real_queue_and_the_worker_counts_finished_jobs(tmp_pa
     queue = _queue(tmp_path)
     metrics = NodeMetrics(job_counts=queue.counts)
 
-    def handler(job):  # type: ignore[no-untyped-def]
-        if job.payload["outcome"] == "permanent":
+    def deliver(job: Job, payload: DeliverPayload) -> dict[str, Any]:
+        # The destination's name says how its delivery ends.
+        if payload.destination == "permanent":
             raise PermanentDeliveryError("refused")
-        if job.payload["outcome"] == "transient":
+        if payload.destination == "transient":
             raise TransientDeliveryError("unreachable")
         return {}
 
     for outcome in ("ok", "permanent", "transient"):
-        queue.enqueue(JobKind.DELIVER, {"outcome": outcome}, max_attempts=3)
+        queue.enqueue(JobKind.DELIVER, DeliverPayload(destination=outcome, files=[]), max_attempts=3)
     worker = Worker(
         queue,
-        {JobKind.DELIVER: handler},
+        {JobKind.DELIVER: JobHandler(DeliverPayload, deliver)},
         [JobKind.DELIVER],
         lease_s=30,
         heartbeat_s=10,
@@ -202,7 +206,9 @@ def test_queue_counts_of_a_real_queue_and_the_worker_counts_finished_jobs(tmp_pa
 
 def test_no_label_value_looks_like_a_uid(tmp_path: Path) -> None:
     queue = _queue(tmp_path)
-    queue.enqueue(JobKind.INFER, {"series_instance_uid": "1.2.826.0.1.3680043.8.498.1", "model": "ct-lung"})
+    queue.enqueue(
+        JobKind.INFER, infer_payload(series_instance_uid="1.2.826.0.1.3680043.8.498.1", model="ct-lung")
+    )
     metrics = NodeMetrics(job_counts=queue.counts, queue_stats=_stats)
     metrics.observe_store(0x0000, 100)
     metrics.observe_stage("load", "ct-lung", 0.1)

@@ -16,12 +16,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicom_ai_node.devtools.datasets import lung_ct_series
 from dicom_ai_node.errors import InferenceError, ModelNotFoundError
 from dicom_ai_node.infer.base import SegmentationModel
 from dicom_ai_node.infer.manifest import verify_weights
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry, select_device
 from dicom_ai_node.infer.volume import Volume, load_series, voxel_volume_mm3
-from tests.support.datasets import lung_ct_series
 from tests.support.tools import require
 
 
@@ -105,9 +105,16 @@ def _volume_from_nifti(path: Path, modality: str) -> Volume:
     )
 
 
+def segmenter(name: str) -> SegmentationModel:
+    """A built-in segmentation model (the registry's get() also returns classifiers)."""
+    model = default_registry("cpu").get(name)
+    assert isinstance(model, SegmentationModel), name
+    return model
+
+
 @pytest.fixture(scope="module")
 def brain_model() -> SegmentationModel:
-    return default_registry("cpu").get("mr-brain")
+    return segmenter("mr-brain")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +172,7 @@ def test_lung_model_refuses_a_ct_without_lungs() -> None:
     ds.SeriesInstanceUID = "1.2.3"
     volume = Volume(water, [ds] * 8, [], (2.0, 1.0, 1.0), np.diag([1.0, 1.0, 2.0, 1.0]), "CT")
     with pytest.raises(InferenceError, match="no lung found"):
-        default_registry("cpu").get("ct-lung-classical").segment(volume)
+        segmenter("ct-lung-classical").segment(volume)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +191,7 @@ def _centroid_x(volume: Volume, mask: np.ndarray) -> float:
 
 
 def _check_lungs(volume: Volume, label_map: np.ndarray) -> dict[str, float]:
-    model = default_registry("cpu").get("ct-lung-classical")
+    model = segmenter("ct-lung-classical")
     by_name = {s.label: s.label_value for s in model.segments}
     assert label_map.shape == volume.shape and label_map.dtype == np.uint8
     volumes = {}
@@ -206,7 +213,7 @@ def _check_lungs(volume: Volume, label_map: np.ndarray) -> dict[str, float]:
 def test_classical_lungs_on_real_chest_ct(which: str, request: pytest.FixtureRequest) -> None:
     """lung1: both lungs joined by the bronchi (split at the midline); lung2: two separate components."""
     volume: Volume = request.getfixturevalue(which)
-    model = default_registry("cpu").get("ct-lung-classical")
+    model = segmenter("ct-lung-classical")
     start = time.perf_counter()
     label_map = model.segment(volume)
     elapsed = time.perf_counter() - start
@@ -220,7 +227,7 @@ def test_classical_lungs_on_real_chest_ct(which: str, request: pytest.FixtureReq
 
 def test_left_right_follow_patient_coordinates_not_array_order(lung2: Volume) -> None:
     """The same CT with its columns stored mirrored (IOP row cosine -1): labels must follow the patient."""
-    model = default_registry("cpu").get("ct-lung-classical")
+    model = segmenter("ct-lung-classical")
     cols = lung2.shape[2]
     flipped_affine = lung2.affine_lps.copy()
     flipped_affine[:3, 3] = (lung2.affine_lps @ np.array([cols - 1, 0, 0, 1]))[:3]

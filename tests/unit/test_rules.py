@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from dicom_ai_node.rules_file import load_rules
 RULES = Path(__file__).parents[2] / "config" / "rules.yaml"
 
 
-def _rule(conditions: list[dict], **action: object) -> RuleSet:
+def _rule(conditions: list[dict[str, Any]], **action: object) -> RuleSet:
     return parse_rules(
         {
             "rules": [
@@ -72,7 +73,7 @@ def test_default_rules_route_brain_mr_and_chest_ct() -> None:
         ({"attribute": "BodyPartExamined", "present": True}, {"BodyPartExamined": "CHEST"}, True),
     ],
 )
-def test_operators(cond: dict, attrs: dict, expected: bool) -> None:
+def test_operators(cond: dict[str, Any], attrs: dict[str, Any], expected: bool) -> None:
     assert match_rule(_rule([cond]).rules[0], attrs).matched is expected
 
 
@@ -160,7 +161,7 @@ def test_disabled_rule_never_matches() -> None:
         ),
     ],
 )
-def test_invalid_rules_give_clear_errors(bad: dict, needle: str) -> None:
+def test_invalid_rules_give_clear_errors(bad: dict[str, Any], needle: str) -> None:
     with pytest.raises(RuleError, match=needle):
         parse_rules(bad)
 

@@ -11,9 +11,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from dicom_ai_node.devtools.synthetic import ct_phantom_hu, write_ct_series, write_mr_series
 from dicom_ai_node.errors import InvalidDicomError, PermanentError
 from dicom_ai_node.infer.volume import load_series, mask_from_nifti_grid, to_nifti_ras, voxel_volume_mm3
-from tests.support.synthetic import ct_phantom_hu, write_ct_series, write_mr_series
 
 
 def _shuffled(paths: list[Path], tmp_path: Path) -> list[Path]:
@@ -132,7 +132,7 @@ def test_monochrome1_is_inverted(tmp_path: Path) -> None:
 def test_duplicate_positions_are_dropped(tmp_path: Path) -> None:
     paths = write_ct_series(tmp_path / "ct", n_slices=4)
     dup = dcmread(paths[1])
-    dup.SOPInstanceUID = dup.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999"
+    dup.SOPInstanceUID = dup.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.999")
     dup.save_as(tmp_path / "dup.dcm")
     volume = load_series([*paths, tmp_path / "dup.dcm"])
     assert volume.shape[0] == 4

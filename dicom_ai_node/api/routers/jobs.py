@@ -16,6 +16,7 @@ from dicom_ai_node.api.schemas import (
     TimelineStepPublic,
 )
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
+from dicom_ai_node.domain.payloads import PayloadError
 from dicom_ai_node.domain.timeline import build_timeline
 from dicom_ai_node.persistence.queue import Job, JobFilter
 
@@ -113,7 +114,10 @@ def retry_job(job_id: IdPath, request: Request, ctx: CtxDep, principal: Operator
 def rerun_job(job_id: IdPath, request: Request, ctx: CtxDep, principal: Operator) -> JobPublic:
     """A finished job runs again as a new job (deterministic UIDs replace its results, not add to them)."""
     job = _get(ctx, job_id)
-    new_id = ctx.queue.rerun(job_id)
+    try:
+        new_id = ctx.queue.rerun(job_id)
+    except PayloadError as exc:
+        raise HTTPException(409, str(exc)) from None
     if new_id is None:
         raise HTTPException(409, f"job {job_id} is {job.status.value}: only finished jobs can be re-run")
     record(

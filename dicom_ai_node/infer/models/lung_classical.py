@@ -1,6 +1,6 @@
 """`ct-lung-classical`: right and left lung on chest CT by classical image processing (not a CNN).
 
-No CT segmentation weights ship in any installable package (docs: shared/notes/data-and-models.md), so
+No CT segmentation weights ship in any installable package (docs/models.md), so
 this built-in model is honest thresholding plus connected components, good enough for a lung volume
 report and for exercising the SEG/SR path end to end:
 

@@ -1,4 +1,9 @@
-"""Run the real node (`dicom-ai-node serve`) as a subprocess with its own config, spool and database."""
+"""Run the real node (`dicom-ai-node serve`) as a subprocess with its own config, spool and database.
+
+The node accepts C-STORE from the given PACS and from STORESCU, sends its results to the PACS as
+destination `pacs`, and routes with the checkout's config/rules.yaml. Its own API calls (`jobs`,
+`get_json`) sign in with a token of an account the runner creates in the node's database.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,18 +23,17 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from dicom_ai_node.devtools.ports import free_port
+from dicom_ai_node.devtools.repo import ROOT, checkout_file
+from dicom_ai_node.domain.auth import Role
+
 # The account the tests' own API calls use (a random password nobody needs: they use a token).
 TEST_ADMIN = "test-admin"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class NodeProcess:
+    """`dicom-ai-node serve` in a subprocess on free loopback ports; `start()` waits for /healthz."""
+
     def __init__(
         self,
         workdir: Path,
@@ -46,9 +49,12 @@ class NodeProcess:
         serve_args: tuple[str, ...] = (),
         pacs_verify: bool = True,
         api_account: bool = True,
+        api_user: str = TEST_ADMIN,
+        api_role: Role = Role.ADMIN,
     ) -> None:
-        """`api_account=False` leaves the node without any user (as a fresh install is): the test's own
-        requests then go without a token, and only the open routes answer them."""
+        """`api_account=False` leaves the node without any user (as a fresh install is): the caller's own
+        requests then go without a token, and only the open routes answer them. Otherwise `start()`
+        creates user `api_user` with `api_role` (random password) and a token for those requests."""
         self.serve_args = serve_args
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +76,7 @@ class NodeProcess:
             "disk_reserve_mb": 100,
             "quiet_period_s": quiet_period_s,
             "sweep_interval_s": 0.5,
-            "rules_file": str(ROOT / "config" / "rules.yaml"),
+            "rules_file": str(checkout_file("config/rules.yaml")),
             "destinations": [
                 {
                     "name": "pacs",
@@ -99,29 +105,33 @@ class NodeProcess:
         self._ssl = ssl.create_default_context(cafile=str(tls_cert)) if tls_cert else None
         self._api_token: str | None = None
         self._api_account = api_account
+        self._api_user = api_user
+        self._api_role = api_role
 
     @property
     def http_url(self) -> str:
         return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.http_port}"
 
     def start(self, timeout_s: float = 60) -> NodeProcess:
-        log = open(self.log_path, "ab")
+        """Start the node; RuntimeError (with the log tail) when it exits, TimeoutError when it hangs."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dicom_ai_node.cli",
-                "serve",
-                "-c",
-                str(self.config_path),
-                *self.serve_args,
-            ],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        # The child keeps its own copy of the log's file descriptor; ours closes with the block.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dicom_ai_node.cli",
+                    "serve",
+                    "-c",
+                    str(self.config_path),
+                    *self.serve_args,
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -138,17 +148,16 @@ class NodeProcess:
         raise TimeoutError(f"node did not answer /healthz in {timeout_s} s:\n{self.log_tail()}")
 
     def _create_api_token(self) -> str:
-        """An admin API token for the test's own requests (the admin API needs sign-in)."""
-        from dicom_ai_node.domain.auth import Role
+        """An API token for the caller's own requests (the admin API needs sign-in)."""
         from dicom_ai_node.persistence.accounts import AccountRepository
         from dicom_ai_node.persistence.db import make_engine
 
         engine = make_engine(self.database_url)
         try:
             accounts = AccountRepository(engine)
-            if accounts.get_user(TEST_ADMIN) is None:
-                accounts.create_user(TEST_ADMIN, Role.ADMIN, secrets.token_urlsafe(24))
-            secret, _ = accounts.create_token(TEST_ADMIN, "tests")
+            if accounts.get_user(self._api_user) is None:
+                accounts.create_user(self._api_user, self._api_role, secrets.token_urlsafe(24))
+            secret, _ = accounts.create_token(self._api_user, "devtools")
         finally:
             engine.dispose()
         return secret
@@ -174,6 +183,11 @@ class NodeProcess:
         """Jobs, newest first (the first page of GET /api/jobs)."""
         query = urllib.parse.urlencode({"limit": limit, **filters})
         return list(self.get_json(f"/api/jobs?{query}")["items"])
+
+    @property
+    def running(self) -> bool:
+        """Whether the node process was started and has not exited."""
+        return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, n: int = 60) -> str:
         try:

@@ -1,5 +1,5 @@
 """A real Orthanc wired to a running node: Orthanc forwards stable series to the node, the node sends its
-results back to Orthanc. For e2e tests, the turnaround benchmark and the demo."""
+results back to Orthanc. For the demo, e2e tests and the turnaround benchmark."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.node import NodeProcess, free_port
-from tests.support.orthanc import OrthancServer
+from dicom_ai_node.devtools.node import NodeProcess
+from dicom_ai_node.devtools.orthanc import OrthancServer
+from dicom_ai_node.devtools.ports import free_port
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Small synthetic, but valid, CT and MR series written with pydicom (test fixtures, no real patient).
+"""Small synthetic, but valid, CT and MR series written with pydicom (no real patient).
 
 Every value in the patient/study modules is obviously fake. Each call makes fresh UIDs unless they are
 passed in (Orthanc ignores instances it already has, so tests need fresh ones). Files are named by

@@ -1,6 +1,8 @@
-"""A real Orthanc (Debian package) for tests: own temp dir, free loopback ports, DICOMweb, Lua auto-forward.
+"""A real Orthanc (Debian package) for the demo and tests: own directory, free loopback ports, DICOMweb,
+Lua auto-forward.
 
-Started through orthanc-dev/start-orthanc.sh, so tests run exactly the configuration developers use.
+Started through orthanc-dev/start-orthanc.sh, so the demo and the tests run exactly the configuration
+developers use.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support.node import free_port
+from dicom_ai_node.devtools.ports import free_port
+from dicom_ai_node.devtools.repo import checkout_file
 
-ROOT = Path(__file__).resolve().parents[2]
-START_SCRIPT = ROOT / "orthanc-dev" / "start-orthanc.sh"
+START_SCRIPT = "orthanc-dev/start-orthanc.sh"
 T = TypeVar("T")
 
 
 class OrthancServer:
+    """Orthanc in `workdir` on free loopback ports; `start()` returns once it answers (then `stop()`)."""
+
     def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
         self.dir = Path(workdir)
         self.aet = aet
@@ -43,11 +47,12 @@ class OrthancServer:
         return self.dir / "orthanc.log"
 
     def start(self, node_aet: str, node_port: int, stable_age: int = 2) -> OrthancServer:
+        """Start Orthanc forwarding each series stable for `stable_age` s to `node_aet`@127.0.0.1:`node_port`."""
         self.http_port, self.dicom_port = free_port(), free_port()
         proc = subprocess.run(
             [
                 "bash",
-                str(START_SCRIPT),
+                str(checkout_file(START_SCRIPT)),
                 "--background",
                 "--dir",
                 str(self.dir),
@@ -143,7 +148,7 @@ class OrthancServer:
         return [line.split("Lua says: ", 1)[1] for line in lines if "Lua says: " in line]
 
     def wait_for(
-        self, predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.2, what: str = ""
+        self, predicate: Callable[[], T | None], timeout_s: float, interval_s: float = 0.2, what: str = ""
     ) -> T:
         """Module `wait_for`, with Orthanc's log tail in the TimeoutError (where the reason usually is)."""
         try:
@@ -169,7 +174,10 @@ class OrthancServer:
             return "<no log>"
 
 
-def wait_for(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.5, what: str = "") -> T:
+def wait_for(
+    predicate: Callable[[], T | None], timeout_s: float, interval_s: float = 0.5, what: str = ""
+) -> T:
+    """Poll `predicate` until it returns a truthy value (returned); TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()

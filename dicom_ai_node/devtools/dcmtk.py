@@ -1,4 +1,5 @@
-"""DCMTK peers for tests and benchmarks: storescu (sender) and storescp (a minimal PACS that writes files).
+"""DCMTK peers for the demo, tests and benchmarks: storescu (sender) and storescp (a minimal PACS that
+writes files).
 
 Debian's DCMTK leaves Nagle on; TCP_NODELAY=1 avoids the ~45 ms stall per C-STORE response.
 """
@@ -7,15 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.node import free_port
+from dicom_ai_node.devtools.ports import free_port, wait_port
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
@@ -33,16 +32,6 @@ def dcmtk_tool(name: str) -> str:
             if found:
                 return found
     raise FileNotFoundError(f"DCMTK {name} not found: apt-get install dcmtk (scripts/bootstrap.sh does)")
-
-
-def wait_port(port: int, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Real image data written as DICOM series with pydicom (test fixtures; no real patient identity).
+"""Real image data written as DICOM series with pydicom (demo and test data; no real patient identity).
 
 Sources (never downloaded at test time):
   * ch2: Debian ``mricron-data`` ``/usr/share/mricron/templates/ch2.nii.gz``, a 1 mm T1 brain MR (the
@@ -27,9 +27,9 @@ import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
-import nrrd
 import numpy as np
 from nibabel import orientations
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -110,8 +110,9 @@ def ch2_mr_series(dest_dir: Path | str, *, study_instance_uid: str | None = None
     for path in (CH2_PATH, CH2BET_PATH):
         if not path.is_file():
             raise DataSetMissingError(f"{path} not found: apt-get install mricron-data")
-    image = nib.load(CH2_PATH)
-    brain = nib.load(CH2BET_PATH)
+    # Both are NIfTI-1 files (nib.load's declared return type is the base class).
+    image = cast(nib.Nifti1Image, nib.load(CH2_PATH))
+    brain = cast(nib.Nifti1Image, nib.load(CH2BET_PATH))
     if image.shape != brain.shape or not np.allclose(image.affine, brain.affine):
         raise ValueError("ch2 and ch2bet are not on the same grid")
 
@@ -126,7 +127,7 @@ def ch2_mr_series(dest_dir: Path | str, *, study_instance_uid: str | None = None
         return np.ascontiguousarray(orientations.apply_orientation(volume, to_dicom).transpose(2, 1, 0))
 
     def to_source_grid(volume: np.ndarray) -> np.ndarray:
-        return orientations.apply_orientation(np.asarray(volume).transpose(2, 1, 0), from_dicom)
+        return np.asarray(orientations.apply_orientation(np.asarray(volume).transpose(2, 1, 0), from_dicom))
 
     intensities = np.asanyarray(image.dataobj)
     if intensities.min() < 0 or intensities.max() > np.iinfo(np.uint16).max:
@@ -167,10 +168,12 @@ def lung_ct_series(
     """
     if which not in ("lung1", "lung2"):
         raise ValueError(f"which must be 'lung1' or 'lung2', not {which!r}")
+    import nrrd  # pynrrd: a dev dependency, like this module
+
     image_path = lung_nrrd_path(f"{which}_image.nrrd")
     hu, header = nrrd.read(str(image_path))
     label, _ = nrrd.read(str(lung_nrrd_path(f"{which}_label.nrrd")))
-    voxel_to_patient = _nrrd_voxel_to_patient(header)
+    voxel_to_patient = nrrd_voxel_to_patient(header)
 
     pixels = np.ascontiguousarray(hu.transpose(2, 1, 0))  # (i, j, k) -> (frame, row, column)
     mask = np.ascontiguousarray(label.transpose(2, 1, 0) > 0)
@@ -200,7 +203,7 @@ def lung_ct_series(
     )
 
 
-def _nrrd_voxel_to_patient(header: dict[str, object]) -> FloatArray:
+def nrrd_voxel_to_patient(header: dict[str, object]) -> FloatArray:
     """(column, row, frame) -> LPS mm from NRRD space directions/origin; refuses what we cannot map."""
     space = str(header.get("space", ""))
     if space not in ("left-posterior-superior", "right-anterior-superior"):

@@ -1,0 +1,125 @@
+"""The DICOM and DICOMweb peers the node talks to: who may send (AllowedPeer), where results go
+(Destination), where studies are pulled from (Source).
+
+Plain validated data, read from the `dicom.allowed_peers`, `destinations` and `sources` sections of the
+configuration (config.py uses these types as its field types) and passed to the stages that need them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# PS3.5 6.2: AE titles are at most 16 characters, no backslash or control characters.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value):
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {value!r}")
+    return value
+
+
+class _Peer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedPeer(_Peer):
+    """A calling AE allowed to associate; `hosts` (IP addresses or networks) narrows it further."""
+
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list)
+
+    _ae = field_validator("ae_title")(check_ae_title)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_ip(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            ipaddress.ip_network(host, strict=False)  # raises ValueError with the bad value
+        return hosts
+
+
+class Destination(_Peer):
+    """Where results are sent: `dicom` (C-STORE SCU to ae_title@host:port) or `dicomweb` (STOW-RS to url)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    # type dicom
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    calling_ae_title: str | None = None
+    max_pdu: int = Field(131072, ge=0)
+    # type dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    timeout_s: float = Field(60, gt=0)
+    # SEG encoding for this destination (docs/configuration.md): BINARY with empty frames omitted is the default;
+    # some viewer versions misplace SEGs with omitted frames (keep them with false). LABELMAP (+RLE) is
+    # much smaller but new: opt-in, and a PACS that refuses it gets the plain BINARY SEG instead.
+    # auto: BINARY, or FRACTIONAL (8-bit) when frames are not byte-aligned (OHIF misreads those BINARY SEGs).
+    seg_format: Literal["auto", "binary", "fractional", "labelmap"] = "auto"
+    seg_omit_empty_frames: bool = True
+    # Also send a few Secondary Capture key images with the overlay burned in (marked derived), for
+    # viewers that cannot show DICOM SEG.
+    key_images: bool = False
+    # After sending, ask the destination (C-FIND / QIDO-RS) whether it now holds every object; a job is
+    # "delivered, verified" only then, and is retried when the read-back misses something.
+    verify: bool = True
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> Destination:
+        if self.type == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dicom destination needs {', '.join(missing)}")
+        elif self.url is None:
+            raise ValueError("a dicomweb destination needs url")
+        return self
+
+
+class Source(_Peer):
+    """A PACS the node pulls studies from (`dicom-ai-node pull`, the page's PACS view).
+
+    `dicom`: C-FIND to ae_title@host:port, then C-MOVE to the node's own AE (the PACS must know the node's
+    AE title, host and port as a move destination, and `dicom.allowed_peers` must let the PACS's AE in) or
+    C-GET on the same association (`retrieve: get`). `dicomweb`: QIDO-RS + WADO-RS under `url`.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    # type dicom
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    calling_ae_title: str | None = None
+    retrieve: Literal["move", "get"] = "move"
+    max_pdu: int = Field(131072, ge=0)
+    # type dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    # Per request (DICOMweb) or per DIMSE message; C-MOVE also waits this long with no new instance.
+    timeout_s: float = Field(60, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> Source:
+        if self.type == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dicom source needs {', '.join(missing)}")
+        elif self.url is None:
+            raise ValueError("a dicomweb source needs url")
+        return self
