@@ -8,8 +8,9 @@ Invalid values raise `ConfigError` naming the key (``dicom.port``), so the CLI c
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +29,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class DicomTlsSettings(_Strict):
+    """DICOM TLS on the SCP (PS3.15 B.9, BCP 195): when set, `dicom.port` speaks TLS only.
+
+    `ca` is the bundle client certificates must chain to; with `require_client_cert` (the default) a
+    peer without such a certificate fails the handshake, before any DICOM byte is read.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = True
+    # A TCP connection that has not finished the TLS handshake after this long is closed.
+    handshake_timeout_s: float = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _ca_for_client_certs(self) -> DicomTlsSettings:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the bundle client certificates chain to)")
+        return self
+
+
 class DicomSettings(_Strict):
     bind: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
@@ -36,9 +58,29 @@ class DicomSettings(_Strict):
     allowed_peers: list[AllowedPeer] = Field(default_factory=list)
     # The allow-list is on by default; an admin must opt out explicitly.
     allow_any_peer: bool = False
+    # Associations called to another AE title than `ae_title` are rejected (A-ASSOCIATE-RJ, called AE
+    # title not recognised); true accepts any called AE title, for a PACS configured with a wrong one.
+    accept_any_called_ae: bool = False
     acse_timeout_s: float = 30
     dimse_timeout_s: float = 60
     network_timeout_s: float = 60
+    # DICOM TLS (docs/operations.md, "DICOM TLS"): the port then refuses plain TCP.
+    tls: DicomTlsSettings | None = None
+
+    @model_validator(mode="after")
+    def _certificate_binding_needs_tls(self) -> DicomSettings:
+        for i, peer in enumerate(self.allowed_peers):
+            if peer.binds_certificate and self.tls is None:
+                raise ValueError(
+                    f"allowed_peers.{i} binds a TLS certificate (tls_subject/tls_fingerprint): set tls"
+                )
+        return self
+
+
+# The admin page answers only requests whose Host header names one of these (DNS rebinding defence);
+# the bind address is added when it is a specific one.
+DEFAULT_ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
+_HOST_NAME = re.compile(r"^(\*|(\*\.)?[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]+)$")
 
 
 class HttpSettings(_Strict):
@@ -58,6 +100,17 @@ class HttpSettings(_Strict):
     # /metrics answers these client networks without sign-in (a Prometheus on the same host);
     # others need an API token.
     metrics_allowed_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Host names (without port) the admin page and API answer to; list every name admins browse to.
+    # Others get 400 "host not allowed" (DNS rebinding), except /healthz and /readyz. "*" allows any.
+    allowed_hosts: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS))
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not _HOST_NAME.match(host):
+                raise ValueError(f"not a host name or IP address (no scheme, no port): {host!r}")
+        return [h.lower() for h in hosts]
 
     @field_validator("metrics_allowed_networks")
     @classmethod
@@ -75,6 +128,13 @@ class HttpSettings(_Strict):
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    def effective_allowed_hosts(self) -> tuple[str, ...]:
+        """`allowed_hosts` plus the bind address when it is a specific one."""
+        hosts = list(self.allowed_hosts)
+        if self.bind not in ("0.0.0.0", "::", "") and self.bind.lower() not in hosts:
+            hosts.append(self.bind.lower())
+        return tuple(hosts)
 
     def is_loopback(self) -> bool:
         if self.bind == "localhost":
@@ -243,10 +303,34 @@ class NodeSettings(BaseSettings):
         }
         if http_paths:
             updates["http"] = self.http.model_copy(update=http_paths)
+        if self.dicom.tls is not None:
+            updates["dicom"] = self.dicom.model_copy(
+                update={"tls": _resolved(self.dicom.tls, base, ("cert", "key", "ca"))}
+            )
+        if any(d.tls is not None for d in self.destinations):
+            updates["destinations"] = [
+                d
+                if d.tls is None
+                else d.model_copy(update={"tls": _resolved(d.tls, base, ("ca", "cert", "key"))})
+                for d in self.destinations
+            ]
         if self.database_url.startswith("sqlite:///") and not self.database_url.startswith("sqlite:////"):
             rel = self.database_url.removeprefix("sqlite:///")
             updates["database_url"] = "sqlite:///" + str((base / rel).resolve())
         return self.model_copy(update=updates)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _resolved(model: _M, base: Path, keys: tuple[str, ...]) -> _M:
+    """A copy of `model` with its relative path fields made absolute under `base`."""
+    paths = {
+        key: (base / value).resolve()
+        for key in keys
+        if (value := getattr(model, key)) is not None and not value.is_absolute()
+    }
+    return model.model_copy(update=paths)
 
 
 def _format_validation_error(err: ValidationError) -> ConfigError:

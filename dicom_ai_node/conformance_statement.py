@@ -11,13 +11,21 @@ from pydicom.uid import UID
 
 from dicom_ai_node import __version__
 from dicom_ai_node.config import DicomWebSettings
+from dicom_ai_node.dimse_socket import BCP195_CIPHERS
 from dicom_ai_node.domain.conformance import (
     ACCEPTED_TRANSFER_SYNTAXES,
     IMAGE_STORAGE_SOP_CLASSES,
+    REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_DOES_NOT_MATCH,
+    STATUS_ELEMENT_PAST_END,
+    STATUS_INVALID_SOP_INSTANCE,
+    STATUS_NESTING_TOO_DEEP,
     STATUS_OUT_OF_RESOURCES,
+    STATUS_PIXEL_DATA_TOO_SHORT,
+    STATUS_SOP_CLASS_MISMATCH,
+    STATUS_SOP_INSTANCE_MISMATCH,
     STATUS_SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
@@ -72,7 +80,16 @@ def render() -> str:
         f"(result 0x{REJECT_CALLING_AE[0]:02X} rejected-permanent, source 0x{REJECT_CALLING_AE[1]:02X} "
         f"service-user, reason 0x{REJECT_CALLING_AE[2]:02X} calling AE title not recognised).",
         "  `dicom.allow_any_peer: true` turns the allow-list off.",
-        "- The called AE title is not checked.",
+        "- Security profile (PS3.15 Annex B.9, BCP 195 TLS Secure Transport Connection Profile): with",
+        "  `dicom.tls` the port accepts TLS 1.2/1.3 only, TLS 1.2 with the forward-secret AEAD suites",
+        f"  `{BCP195_CIPHERS}` (OpenSSL names);",
+        "  client certificates are required by default and verified against a configured CA. An allowed",
+        "  peer bound to a certificate (`tls_subject` / `tls_fingerprint`) whose calling AE title arrives",
+        "  with another certificate is rejected like an unknown calling AE.",
+        "- The called AE title must be the node's own (`ae_title`); others are rejected with A-ASSOCIATE-RJ",
+        f"  (result 0x{REJECT_CALLED_AE[0]:02X}, source 0x{REJECT_CALLED_AE[1]:02X}, reason "
+        f"0x{REJECT_CALLED_AE[2]:02X} called AE title not recognised). `dicom.accept_any_called_ae: true`",
+        "  accepts any called AE title (for a PACS configured with a wrong one).",
         "- Maximum PDU length received: `dicom.max_pdu` (default 131072 bytes). Up to 32 concurrent associations.",
         "- No extended negotiation; SCP/SCU role selection is not supported. User identity negotiation is",
         "  not used for access control (the allow-list and network controls are).",
@@ -112,17 +129,40 @@ def render() -> str:
         f"| 0x{STATUS_SUCCESS:04X} | Success | stored, or a duplicate SOP Instance UID already stored (kept once) |",
         f"| 0x{STATUS_OUT_OF_RESOURCES:04X} | Refused: out of resources | spool disk under its reserve "
         "(`disk_reserve_mb`), spool write error, or database unavailable; the sender may retry |",
+        f"| 0x{STATUS_INVALID_SOP_INSTANCE:04X} | Failure: invalid SOP instance (PS3.7 Annex C) | the request's "
+        "Affected SOP Instance UID is not a valid UID (PS3.5 9.1: digits and dots, no empty component, no "
+        "leading zero, at most 64 characters) |",
         f"| 0x{STATUS_DATASET_DOES_NOT_MATCH:04X} | Error: data set does not match SOP class | SOP Instance, "
-        "SOP Class, Series or Study Instance UID missing |",
+        "SOP Class, Series or Study Instance UID of the data set missing or not a valid UID |",
+        f"| 0x{STATUS_SOP_INSTANCE_MISMATCH:04X} | Error: data set does not match SOP class | the data set's "
+        "SOP Instance UID differs from the request's Affected SOP Instance UID (nothing is stored under "
+        "either) |",
+        f"| 0x{STATUS_SOP_CLASS_MISMATCH:04X} | Error: data set does not match SOP class | the data set's "
+        "SOP Class UID differs from the request's Affected SOP Class UID or the presentation context's "
+        "abstract syntax |",
         f"| 0x{STATUS_CANNOT_UNDERSTAND:04X} | Error: cannot understand | the data set cannot be parsed |",
+        f"| 0x{STATUS_ELEMENT_PAST_END:04X} | Error: cannot understand | an element declares a value length "
+        "past the end of the data set |",
+        f"| 0x{STATUS_NESTING_TOO_DEEP:04X} | Error: cannot understand | sequences nested too deep to read "
+        "(several hundred levels) |",
+        f"| 0x{STATUS_PIXEL_DATA_TOO_SHORT:04X} | Error: cannot understand | uncompressed transfer syntax: "
+        "Pixel Data shorter than Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8 "
+        "(declared length, no decoding) |",
         "",
-        "Every failure is logged with the SOP Instance UID and the calling AE title (no patient data).",
+        "The checks read the header and declared lengths only, never the pixel data. Every failure is",
+        "logged on one line with the SOP Instance UID, the calling AE title and its address (no patient",
+        "data); nothing of a refused instance stays in the spool or the database. A request whose",
+        "Affected SOP Instance UID is empty or longer than 64 characters is not answered: pynetdicom",
+        "aborts the association (A-P-ABORT) before the node sees it.",
         "",
         "## 3. Association initiation (SCU)",
         "",
         "For each result delivery the node opens one association to the destination (`destinations[]`:",
         "AE title, host, port), proposing only the SOP classes of the objects it sends, each with the",
         "object's own transfer syntax plus Explicit and Implicit VR Little Endian. TCP_NODELAY is set.",
+        "With `destinations[].tls` the association (C-STORE, the C-FIND read-back and C-ECHO) uses the same",
+        "BCP 195 TLS profile as the SCP; the destination's certificate must chain to the configured CA and",
+        "name its host, and the node presents its client certificate when one is configured.",
         "",
         "### 3.1 SOP classes sent",
         "",
@@ -135,15 +175,18 @@ def render() -> str:
         "After sending, the node asks the destination whether it holds every object it sent (per",
         "destination `verify`, default on): Study Root Query/Retrieve Information Model - FIND",
         "(`1.2.840.10008.5.1.4.1.2.2.1`) at IMAGE level with StudyInstanceUID + SeriesInstanceUID, returning",
-        'SOPInstanceUID. A job is "delivered, verified" only when every SOP Instance UID is found; otherwise it',
-        "is retried like a transient failure (the re-send carries the same UIDs).",
+        'SOPInstanceUID. A job is "delivered, verified" only when every SOP Instance UID is found; when one is',
+        "missing, it is retried like a transient failure (the re-send carries the same UIDs). A destination",
+        "that refuses the FIND presentation context (or answers 0x0122) stored what it was sent but cannot be",
+        'asked: the job succeeds as "delivered, not verified" with that reason; set `verify: false` for it.',
         "",
         "### 3.3 DICOMweb destinations",
         "",
         "`type: dicomweb` destinations receive the same objects by STOW-RS (PS3.18, `POST {url}/studies`,",
         "multipart/related application/dicom) and are verified by QIDO-RS (`GET {url}/studies/{study}/series/",
         "{series}/instances`). HTTP 4xx except 408/429, and failed SOPs with 0xA9xx/0xCxxx reasons, are",
-        "permanent; connection errors, timeouts, 5xx, 408/429 and 0xA7xx reasons are retried.",
+        "permanent; connection errors, timeouts, 5xx, 408/429 and 0xA7xx reasons are retried. A QIDO-RS",
+        'read-back answered 404, 405 or 501 means no query service: "delivered, not verified".',
         "",
         "Results are encoded in Explicit VR Little Endian; a LABELMAP SEG (only for destinations with",
         "`seg_format: labelmap`) in RLE Lossless. When a destination accepts none of the proposed contexts",
@@ -244,9 +287,12 @@ def _stow_section() -> list[str]:
         f"| 0x{FAILURE_OUT_OF_RESOURCES:04X} | Refused: out of resources | spool disk under its reserve, "
         "spool write error, or database unavailable; the sender may retry |",
         f"| 0x{FAILURE_STUDY_MISMATCH:04X} | Error: data set does not match | the instance's Study Instance UID"
-        " differs from the request URL's, or a key UID (SOP Instance/Class, Series, Study) is missing |",
+        " differs from the request URL's, a key UID (SOP Instance/Class, Series, Study) is missing or not a"
+        " valid UID, or the data set's SOP Instance/Class UID differs from the part's File Meta Information"
+        " (the C-STORE 0x0117 and 0xA9xx cases of 2.4) |",
         f"| 0x{FAILURE_CANNOT_UNDERSTAND:04X} | Error: cannot understand | the part is not a parseable DICOM "
-        "Part 10 instance, or its Content-Type is not application/dicom |",
+        "Part 10 instance, or its Content-Type is not application/dicom; or one of the C-STORE 0xCxxx cases of"
+        " 2.4 (length past the end, nesting too deep, Pixel Data too short) |",
         f"| 0x{FAILURE_SOP_CLASS_NOT_SUPPORTED:04X} | Error: SOP class not supported | a SOP class not in 2.2 |",
         f"| 0x{FAILURE_TRANSFER_SYNTAX_NOT_SUPPORTED:04X} | Error: transfer syntax not supported | a transfer "
         "syntax not in 2.3 |",

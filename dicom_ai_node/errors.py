@@ -35,6 +35,22 @@ class InvalidDicomError(PermanentError):
     """A received or spooled object is not readable DICOM, or a series is not one regular grid."""
 
 
+class SeriesGeometryError(InvalidDicomError):
+    """A series whose patient-space geometry cannot be derived: an Image Plane attribute the grid needs
+    (PixelSpacing, ImageOrientationPatient, ImagePositionPatient; SliceThickness for a single slice) is
+    empty or absent. Raised while loading the headers, before any pixel is decoded or a model runs."""
+
+    def __init__(self, series_instance_uid: str, attribute: str, detail: str) -> None:
+        super().__init__(f"series {series_instance_uid}: {detail}")
+        self.series_instance_uid = series_instance_uid
+        self.attribute = attribute
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[SeriesGeometryError], tuple[str, str, str]]:
+        # The inference host sends errors between processes: rebuild from the three fields, not args.
+        return type(self), (self.series_instance_uid, self.attribute, self.detail)
+
+
 class DatabaseError(TransientError):
     """The database could not be used (unreachable, connection lost, locked, disk I/O error).
 
@@ -69,6 +85,11 @@ class TransientDeliveryError(DeliveryError, TransientError):
 
 class PermanentDeliveryError(DeliveryError, PermanentError):
     pass
+
+
+class QueryNotSupportedError(PermanentDeliveryError):
+    """The destination offers no query to read back what it stored: C-FIND refused at association (no
+    accepted presentation context) or 0x0122, QIDO-RS answered 404/405/501. The send itself succeeded."""
 
 
 class InferenceTimeoutError(InferenceError):

@@ -178,6 +178,12 @@ class NodeMetrics:
             ["destination"],
             registry=r,
         )
+        self.deliveries_unverified = Counter(
+            "ainode_deliveries_unverified",
+            "Deliveries stored but not read back: the destination offers no C-FIND / QIDO-RS (verify is on)",
+            ["destination"],
+            registry=r,
+        )
         self.receive_to_delivered = Histogram(
             "ainode_receive_to_delivered_seconds",
             "Last instance of a series received -> its results delivered to a destination",
@@ -207,6 +213,9 @@ class NodeMetrics:
             self.delivery_duration.labels(destination=destination).observe(seconds)
         else:
             self.delivery_failures.labels(destination=destination).inc()
+
+    def observe_unverified(self, destination: str) -> None:
+        self.deliveries_unverified.labels(destination=destination).inc()
 
     def observe_receive_to_delivered(self, seconds: float) -> None:
         self.receive_to_delivered.observe(max(0.0, seconds))

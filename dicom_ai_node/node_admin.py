@@ -196,6 +196,7 @@ def auth_settings(settings: NodeSettings) -> AuthSettings:
         login_max_failures=http.login_max_failures,
         login_window_s=http.login_window_minutes * 60,
         metrics_allowed_networks=tuple(http.metrics_allowed_networks),
+        allowed_hosts=http.effective_allowed_hosts(),
     )
 
 

@@ -30,7 +30,7 @@ from dicom_ai_node.api.routers import (
     tokens,
     users,
 )
-from dicom_ai_node.api.security import SecurityHeadersMiddleware
+from dicom_ai_node.api.security import HostAllowListMiddleware, SecurityHeadersMiddleware
 
 ROUTERS = (system, auth, jobs, series, rules, destinations, models, audit, users, tokens, stow, pull)
 
@@ -58,6 +58,8 @@ def create_app(ctx: AdminContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Added first, so it runs inside the headers middleware: its 400 carries the security headers too.
+    app.add_middleware(HostAllowListMiddleware, allowed_hosts=ctx.auth.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware)
     for module in ROUTERS:
         app.include_router(module.router)

@@ -8,6 +8,7 @@ transient; 0xA9xx / 0xCxxx and any other failure are permanent; warnings (0xB0xx
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,15 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
-from dicom_ai_node.dimse_socket import set_tcp_nodelay
+from dicom_ai_node.dimse_socket import client_tls_context, set_tcp_nodelay
 from dicom_ai_node.domain.conformance import VERIFICATION_SOP_CLASS
-from dicom_ai_node.errors import InvalidDicomError, PermanentDeliveryError, TransientDeliveryError
+from dicom_ai_node.domain.peers import DestinationTls
+from dicom_ai_node.errors import (
+    InvalidDicomError,
+    PermanentDeliveryError,
+    QueryNotSupportedError,
+    TransientDeliveryError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,8 @@ MAX_CONTEXTS = 128
 STUDY_ROOT_FIND = UID(
     "1.2.840.10008.5.1.4.1.2.2.1"
 )  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
+# PS3.7 C.4.1.1.4: "Refused: SOP Class not supported", as a C-FIND status.
+_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class DicomPeer:
     calling_ae_title: str = "AINODE"
     max_pdu: int = 131072
     timeout_s: float = 60
+    tls: DestinationTls | None = None  # DICOM TLS (BCP 195) when set
 
 
 @dataclass
@@ -79,25 +89,46 @@ def _build_ae(peer: DicomPeer) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: DicomPeer, contexts: list[PresentationContext]) -> object:
+def _tls_args(peer: DicomPeer) -> tuple[ssl.SSLContext, str] | None:
+    if peer.tls is None:
+        return None
+    try:
+        context = client_tls_context(peer.tls.ca, peer.tls.cert, peer.tls.key)
+    except OSError as exc:  # ssl.SSLError included: a missing or unreadable CA, certificate or key
+        raise PermanentDeliveryError(
+            f"TLS to {peer.ae_title}: cannot load the CA, certificate or key: {exc}"
+        ) from exc
+    # server_hostname: the PACS's certificate must name the host it is reached at.
+    return context, peer.host
+
+
+def _associate(
+    ae: AE,
+    peer: DicomPeer,
+    contexts: list[PresentationContext],
+    refused: type[PermanentDeliveryError] = PermanentDeliveryError,
+) -> object:
+    """An established association; `refused` is raised when the peer accepts none of `contexts`."""
     assoc = ae.associate(
         peer.host,
         peer.port,
         contexts=contexts,
         ae_title=peer.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=_tls_args(peer),
     )
     if assoc.is_rejected:
         raise PermanentDeliveryError(f"association rejected by {peer.ae_title}@{peer.host}:{peer.port}")
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         # The peer answered but accepts none of the proposed SOP classes / transfer syntaxes: a retry
         # will not change its mind (e.g. a PACS that does not know the LABELMAP SEG SOP class).
-        refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
-        raise PermanentDeliveryError(
-            f"{peer.ae_title} accepts none of the proposed SOP classes: {', '.join(refused)}"
+        refused_classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        raise refused(
+            f"{peer.ae_title} accepts none of the proposed SOP classes: {', '.join(refused_classes)}"
         )
     if not assoc.is_established:
-        raise TransientDeliveryError(f"cannot associate with {peer.ae_title}@{peer.host}:{peer.port}")
+        over = " over TLS (see the log for the handshake error)" if peer.tls is not None else ""
+        raise TransientDeliveryError(f"cannot associate with {peer.ae_title}@{peer.host}:{peer.port}{over}")
     return assoc
 
 
@@ -184,7 +215,9 @@ def find_sop_instances(peer: DicomPeer, study_instance_uid: str, series_instance
     query.SeriesInstanceUID = series_instance_uid
     query.SOPInstanceUID = ""
     ae = _build_ae(peer)
-    assoc = _associate(ae, peer, [build_context(STUDY_ROOT_FIND)])
+    # A store-only peer (DCMTK storescp, many archives' ingest ports) refuses the FIND context: it
+    # stored what it got but cannot say so, which is no reason to send again.
+    assoc = _associate(ae, peer, [build_context(STUDY_ROOT_FIND)], refused=QueryNotSupportedError)
     found: set[str] = set()
     try:
         for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):  # type: ignore[attr-defined]
@@ -193,6 +226,10 @@ def find_sop_instances(peer: DicomPeer, study_instance_uid: str, series_instance
             code = int(status.Status)
             if code in (0xFF00, 0xFF01) and identifier is not None:
                 found.add(str(identifier.SOPInstanceUID))
+            elif code == _SOP_CLASS_NOT_SUPPORTED:
+                raise QueryNotSupportedError(
+                    f"{peer.ae_title} answered C-FIND with 0x{code:04X} (SOP class not supported)"
+                )
             elif code != 0x0000:
                 raise PermanentDeliveryError(f"{peer.ae_title} answered C-FIND with 0x{code:04X}")
     finally:

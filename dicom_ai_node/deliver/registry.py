@@ -69,5 +69,6 @@ def deliverer_for(destination: Destination, node_ae_title: str) -> Deliverer:
             calling_ae_title=destination.calling_ae_title or node_ae_title,
             max_pdu=destination.max_pdu,
             timeout_s=destination.timeout_s,
+            tls=destination.tls,
         )
     )

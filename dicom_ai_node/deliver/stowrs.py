@@ -16,11 +16,14 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 
 from dicom_ai_node.deliver.dimse import StoreReport
-from dicom_ai_node.errors import PermanentDeliveryError, TransientDeliveryError
+from dicom_ai_node.errors import PermanentDeliveryError, QueryNotSupportedError, TransientDeliveryError
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE_HTTP = {408, 429}
+# QIDO-RS answers of a service that stores (STOW-RS) but offers no search: no such resource, method
+# not allowed, not implemented. A search with no match answers 200 [] or 204, not these.
+_QUERY_NOT_SUPPORTED_HTTP = {404, 405, 501}
 
 
 def _client(url: str, timeout_s: float) -> DICOMwebClient:
@@ -84,6 +87,9 @@ def find_sop_instances(
             get_remaining=True,
         )
     except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status in _QUERY_NOT_SUPPORTED_HTTP:
+            raise QueryNotSupportedError(f"QIDO-RS search at {url} answered HTTP {status}") from exc
         raise _classify_http(exc, url) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise TransientDeliveryError(f"cannot reach DICOMweb service {url}: {type(exc).__name__}") from exc

@@ -124,3 +124,5 @@ class AuthSettings:
     login_max_failures: int = 5
     login_window_s: float = 15 * 60
     metrics_allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Host header names the API answers (DNS rebinding defence); "*" any, "*.example.org" its subdomains.
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")

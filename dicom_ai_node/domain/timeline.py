@@ -161,15 +161,20 @@ def _delivery_steps(deliveries: Sequence[JobTimes]) -> list[TimelineStep]:
             )
         )
         verified = (job.result or {}).get("verified")
+        # Delivered, not verified: stored, but the destination offers no query to read back with.
+        verify_error = (job.result or {}).get("verify_error") if status == "done" else None
+        detail: dict[str, Any] = {"destination": destination, "verified": bool(verified)}
+        if verify_error:
+            detail["verify_error"] = str(verify_error)
         steps.append(
             TimelineStep(
                 "verified",
                 "done"
                 if status == "done" and verified
                 else ("pending" if status in ("pending", "running") else "skipped"),
-                job.finished_at if verified else None,
+                job.finished_at if verified or verify_error else None,
                 None,
-                {"destination": destination, "verified": bool(verified)},
+                detail,
             )
         )
     return steps

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DS
 
 from dicom_ai_node.domain.results import CodedConcept, ModelIdentity, OutputIdentity, RuleIdentity
+from dicom_ai_node.errors import EncodeError
 
 LONG_STRING_MAX = 64  # LO (PS3.5 6.2)
 
@@ -36,6 +39,51 @@ def with_type2_identity(ds: Dataset) -> Dataset:
     patched = copy.deepcopy(ds)  # never modify the caller's dataset
     for keyword in missing:
         setattr(patched, keyword, "")
+    return patched
+
+
+def _has_value(ds: Dataset, keyword: str) -> bool:
+    return keyword in ds and ds[keyword].value not in (None, "", [])
+
+
+def with_slice_thickness(source_datasets: Sequence[Dataset]) -> Dataset:
+    """The first source header, or a copy of it whose empty or absent SliceThickness is derived.
+
+    SliceThickness is Type 2 in the Image Plane module (reformatted and derived series leave it empty
+    or out), but highdicom 0.28 reads `source_images[0].SliceThickness` for the SEG's Pixel Measures
+    whatever is passed as `pixel_measures` (and keeps the source's measures when the pixel spacing
+    agrees), so the header it gets must carry one. Derived, as the grid itself, from the positions: the
+    mean step of ImagePositionPatient along the normal of ImageOrientationPatient (the headers are in
+    slice order); a single slice takes SpacingBetweenSlices.
+    """
+    first = source_datasets[0]
+    if _has_value(first, "SliceThickness"):
+        return first
+    series_uid = first.get("SeriesInstanceUID", "?")
+    try:
+        if len(source_datasets) > 1:
+            iop = np.array([float(v) for v in first.ImageOrientationPatient], dtype=np.float64)
+            normal = np.cross(iop[:3], iop[3:])
+            positions = np.array(
+                [[float(v) for v in ds.ImagePositionPatient] for ds in source_datasets], dtype=np.float64
+            )
+            along = positions @ (normal / np.linalg.norm(normal))
+            thickness = abs(float(along[-1] - along[0])) / (len(source_datasets) - 1)
+        else:
+            thickness = (
+                float(first.SpacingBetweenSlices) if _has_value(first, "SpacingBetweenSlices") else 0.0
+            )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise EncodeError(
+            f"series {series_uid}: SliceThickness is empty or absent and cannot be derived: {exc}"
+        ) from exc
+    if not thickness > 0:
+        raise EncodeError(
+            f"series {series_uid}: SliceThickness is empty or absent and cannot be derived from "
+            "ImagePositionPatient (a single slice, or all at one position)"
+        )
+    patched = copy.deepcopy(first)  # never modify the caller's dataset
+    patched.SliceThickness = DS(thickness, auto_format=True)
     return patched
 
 

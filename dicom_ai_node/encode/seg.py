@@ -37,6 +37,7 @@ from dicom_ai_node.encode._common import (
     no_phi_warnings,
     rule_parameters,
     series_description,
+    with_slice_thickness,
     with_type2_identity,
 )
 from dicom_ai_node.encode.measure import label_counts
@@ -150,7 +151,10 @@ def encode_seg(
     try:
         with no_phi_warnings():
             seg = hd.seg.Segmentation(
-                source_images=[with_type2_identity(source_datasets[0]), *source_datasets[1:]],
+                source_images=[
+                    with_type2_identity(with_slice_thickness(source_datasets)),
+                    *source_datasets[1:],
+                ],
                 pixel_array=_one_hot(segment_array, len(numbered)) if kind == "FRACTIONAL" else segment_array,
                 segmentation_type=hd.seg.SegmentationTypeValues[kind],
                 # FRACTIONAL: highdicom's defaults, OCCUPANCY with maximum value 255 (FRACTIONAL_MAX).

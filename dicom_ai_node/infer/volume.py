@@ -23,7 +23,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.pixels.utils import pixel_array
 
-from dicom_ai_node.errors import InferenceError, InvalidDicomError
+from dicom_ai_node.errors import InferenceError, InvalidDicomError, SeriesGeometryError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ _DUPLICATE_POSITION_MM = 1e-3
 _GAP_SPREAD_WARNING = 0.01
 # A guard against declared sizes that would not fit in memory (decompression bombs, corrupt headers).
 _MAX_VOXELS = 1 << 31
+
+# Image Plane attributes (PS3.3 C.7.6.2) the grid is built from; SliceThickness and SpacingBetweenSlices
+# are not among them: Type 2/3, often empty in reformatted or derived series, and the slice step comes
+# from the positions along the normal anyway.
+_PLANE_KEYWORDS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Projection radiography: images without an Image Plane module (no patient-space geometry).
@@ -78,6 +83,7 @@ class _Header:
     col_cosines: np.ndarray
     position: np.ndarray
     pixel_spacing: tuple[float, float]
+    projection: bool = False  # a nominal plane (see _projection_header), not a patient position
 
 
 def voxel_volume_mm3(volume: Volume) -> float:
@@ -89,9 +95,12 @@ def load_series(paths: Sequence[Path]) -> Volume:
     """Read, check, sort and decode the single-frame instances of one series.
 
     Raises InvalidDicomError when a file is unreadable, the instances do not form one regular grid
-    (different series, matrix, orientation or pixel spacing), pixel data is colour or multi-frame, or
-    geometry attributes are missing. MONOCHROME1 is inverted to MONOCHROME2 as (max - value) over the
-    whole volume, after rescale, so that higher always means brighter for the models.
+    (different series, matrix, orientation or pixel spacing), or pixel data is colour or multi-frame;
+    SeriesGeometryError (naming the attribute) when the geometry cannot be derived. Both come from
+    the headers alone, before any pixel data is decoded. An empty or absent SliceThickness /
+    SpacingBetweenSlices is no error: the slice step comes from the positions. MONOCHROME1 is
+    inverted to MONOCHROME2 as (max - value) over the whole volume, after rescale, so that higher
+    always means brighter for the models.
     """
     if not paths:
         raise InvalidDicomError("empty series: no instances given")
@@ -99,6 +108,8 @@ def load_series(paths: Sequence[Path]) -> Volume:
     _check_one_grid(headers)
     headers = _sort_and_deduplicate(headers)
     series_uid = str(headers[0].ds.SeriesInstanceUID)
+    # Geometry before pixels: a series whose grid cannot be derived fails here, cheaply.
+    affine, spacing = _affine_and_spacing(headers)
     rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
     if len(headers) * rows * cols > _MAX_VOXELS:
         raise InvalidDicomError(f"series {series_uid}: {len(headers)}x{rows}x{cols} voxels is too large")
@@ -113,7 +124,6 @@ def load_series(paths: Sequence[Path]) -> Volume:
     if photometric == {"MONOCHROME1"}:
         np.subtract(array.max(), array, out=array)
 
-    affine, spacing = _affine_and_spacing(headers)
     return Volume(
         array=array,
         datasets=[h.ds for h in headers],
@@ -164,13 +174,10 @@ def _read_header(path: Path) -> _Header:
         )
     if str(ds.get("Modality", "")) in PROJECTION_MODALITIES and ds.get("ImageOrientationPatient") is None:
         return _projection_header(path, ds, series_uid, sop_uid)
-    missing = [
-        keyword
-        for keyword in ("Rows", "Columns", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")
-        if ds.get(keyword) is None
-    ]
+    missing = [keyword for keyword in ("Rows", "Columns") if ds.get(keyword) is None]
     if missing:
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} lacks {', '.join(missing)}")
+    _require_plane_attributes(ds, series_uid, sop_uid)
     try:
         iop = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
         ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
@@ -187,6 +194,31 @@ def _read_header(path: Path) -> _Header:
     ):
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has non-unit orientation cosines")
     return _Header(path, ds, row_cosines, col_cosines, ipp, (row_spacing, col_spacing))
+
+
+def _absent_or_empty(ds: pydicom.Dataset, keyword: str) -> str | None:
+    """'absent', 'empty' or None (has a value): pydicom reads an empty DS/IS element as None or ''."""
+    if keyword not in ds:
+        return "absent"
+    value = ds[keyword].value
+    if value is None or value == "" or (isinstance(value, Sequence) and len(value) == 0):
+        return "empty"
+    return None
+
+
+def _require_plane_attributes(ds: pydicom.Dataset, series_uid: str, sop_uid: str) -> None:
+    """The Image Plane attributes a patient-space grid needs must have values (Type 1 in PS3.3
+    C.7.6.2, but derived and converted series drop or blank them): without one, no slice order,
+    spacing or position can be derived, so the series fails before inference, naming the attribute."""
+    lacking = [(keyword, state) for keyword in _PLANE_KEYWORDS if (state := _absent_or_empty(ds, keyword))]
+    if lacking:
+        listed = ", ".join(f"{keyword} is {state}" for keyword, state in lacking)
+        raise SeriesGeometryError(
+            series_uid,
+            lacking[0][0],
+            f"{listed} in instance {sop_uid}: the image geometry (slice order, spacing, position) cannot "
+            "be derived",
+        )
 
 
 def _projection_header(path: Path, ds: pydicom.Dataset, series_uid: str, sop_uid: str) -> _Header:
@@ -210,7 +242,13 @@ def _projection_header(path: Path, ds: pydicom.Dataset, series_uid: str, sop_uid
         raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} has malformed pixel spacing")
     position = np.array([0.0, 0.0, float(ds.get("InstanceNumber", 1) or 1)])
     return _Header(
-        path, ds, np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), position, (row_spacing, col_spacing)
+        path,
+        ds,
+        np.array([1.0, 0.0, 0.0]),
+        np.array([0.0, 1.0, 0.0]),
+        position,
+        (row_spacing, col_spacing),
+        projection=True,
     )
 
 
@@ -303,8 +341,7 @@ def _affine_and_spacing(headers: list[_Header]) -> tuple[np.ndarray, tuple[float
                 dz,
             )
     else:
-        thickness = first.ds.get("SpacingBetweenSlices") or first.ds.get("SliceThickness") or 1.0
-        dz = float(thickness)
+        dz = _single_slice_thickness(first)
         step = normal * dz
     affine = np.eye(4)
     affine[:3, 0] = first.row_cosines * col_spacing
@@ -312,3 +349,29 @@ def _affine_and_spacing(headers: list[_Header]) -> tuple[np.ndarray, tuple[float
     affine[:3, 2] = step
     affine[:3, 3] = first.position
     return affine, (dz, row_spacing, col_spacing)
+
+
+def _single_slice_thickness(header: _Header) -> float:
+    """The through-plane size of a one-slice series: SpacingBetweenSlices, else SliceThickness.
+
+    With one slice there is no second position to derive it from; then a projection image gets a
+    nominal 1 mm (only classifiers use it), and a cross-sectional one is a geometry error (a volume
+    measured with a guessed thickness would be wrong).
+    """
+    series_uid = str(header.ds.get("SeriesInstanceUID", ""))
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        if _absent_or_empty(header.ds, keyword) is None:
+            try:
+                value = float(header.ds[keyword].value)
+            except (TypeError, ValueError) as exc:
+                raise SeriesGeometryError(series_uid, keyword, f"{keyword} is malformed: {exc}") from exc
+            if value > 0:
+                return value
+    if header.projection:
+        return 1.0
+    raise SeriesGeometryError(
+        series_uid,
+        "SliceThickness",
+        "SliceThickness and SpacingBetweenSlices are empty or absent and the series has a single slice: "
+        "its slice thickness cannot be derived from positions",
+    )

@@ -8,6 +8,8 @@ routing, no inference, no network on the association thread (DESIGN.md, "Data fl
 from __future__ import annotations
 
 import logging
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,20 +17,23 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 
-from dicom_ai_node.config import NodeSettings
-from dicom_ai_node.dimse_socket import set_tcp_nodelay
+from dicom_ai_node.config import DicomTlsSettings, NodeSettings
+from dicom_ai_node.dimse_socket import server_tls_context, set_tcp_nodelay
 from dicom_ai_node.domain.conformance import (
     ACCEPTED_TRANSFER_SYNTAXES,
     IMAGE_STORAGE_SOP_CLASSES,
+    REJECT_CALLED_AE,
     REJECT_CALLING_AE,
     STATUS_SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
+from dicom_ai_node.errors import ConfigError
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.receive.allowlist import PeerAllowList
 from dicom_ai_node.receive.chunked import receive_into
-from dicom_ai_node.receive.ingest import ingest_file
+from dicom_ai_node.receive.ingest import StoreRequest, ingest_file
+from dicom_ai_node.receive.tls import TlsAssociationServer, peer_certificate
 from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -45,8 +50,9 @@ class StoreContext:
     metrics: NodeMetrics | None = None
 
 
-def handle_requested(event: Event, allow_list: PeerAllowList) -> None:
-    """Reject associations from calling AEs (or addresses) that are not on the allow-list.
+def handle_requested(event: Event, allow_list: PeerAllowList, called_ae_title: str | None = None) -> None:
+    """Reject associations called to another AE title than `called_ae_title` (None: any called AE, the
+    `dicom.accept_any_called_ae` setting), and from calling AEs (or addresses) not on the allow-list.
 
     Fails closed: EVT_REQUESTED is a notification event, and pynetdicom logs and swallows what its
     handlers raise, so an error here must itself reject, never return. Behind it, pynetdicom's own
@@ -54,19 +60,35 @@ def handle_requested(event: Event, allow_list: PeerAllowList) -> None:
     cannot run at all; this handler adds the per-AE address check.
     """
     assoc = event.assoc
+    reject = REJECT_CALLING_AE
     try:
         requestor = assoc.requestor
         primitive = requestor.primitive
         calling_ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
-        if allow_list.is_allowed(calling_ae, requestor.address):
+        called_ae = str(primitive.called_ae_title).strip() if primitive is not None else ""
+        certificate = peer_certificate(assoc)
+        if called_ae_title is not None and called_ae != called_ae_title:
+            reject = REJECT_CALLED_AE
+            log.warning(
+                "association rejected: called AE %r is not this node's %r (calling AE %r from %s)",
+                called_ae,
+                called_ae_title,
+                calling_ae,
+                requestor.address,
+            )
+        elif allow_list.is_allowed(calling_ae, requestor.address, certificate):
             return
-        log.warning(
-            "association rejected: calling AE %r from %s is not allowed", calling_ae, requestor.address
-        )
+        else:
+            log.warning(
+                "association rejected: calling AE %r from %s is not allowed%s",
+                calling_ae,
+                requestor.address,
+                " with this TLS client certificate" if certificate is not None else "",
+            )
     except Exception:  # noqa: BLE001 - any failure of the check is a refusal (fail closed)
         log.exception("association rejected: the allow-list check failed")
     try:
-        assoc.acse.send_reject(*REJECT_CALLING_AE)
+        assoc.acse.send_reject(*reject)
     finally:
         # As pynetdicom's own reject path does: kill() lets the DUL flush the A-ASSOCIATE-RJ first. Killed,
         # the association never exchanges a DIMSE message, even if sending the reject failed.
@@ -92,13 +114,21 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
 
 def _store(event: Event, ctx: StoreContext) -> tuple[int, int]:
     """(DIMSE status, bytes of the instance when answered Success else 0)."""
+    requestor = event.assoc.requestor
+    calling = str(requestor.ae_title).strip()
+    request = StoreRequest(
+        affected_sop_class_uid=str(getattr(event.request, "AffectedSOPClassUID", None) or ""),
+        affected_sop_instance_uid=str(getattr(event.request, "AffectedSOPInstanceUID", None) or ""),
+        context_sop_class_uid=str(event.context.abstract_syntax or ""),
+    )
     result = ingest_file(
         Path(event.dataset_path),
-        calling=str(event.assoc.requestor.ae_title).strip(),
+        calling=calling,
         spool=ctx.spool,
         repo=ctx.repo,
         reserve_bytes=ctx.reserve_bytes,
-        announced_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "")),
+        request=request,
+        peer=f"{calling} ({requestor.address})",
     )
     return result.status, result.size_bytes
 
@@ -110,6 +140,9 @@ def build_storage_ae(settings: NodeSettings, allow_list: PeerAllowList | None = 
         # empty list would mean "anyone" to pynetdicom; an empty allow-list admits no one, which
         # handle_requested enforces.
         ae.require_calling_aet = allow_list.ae_titles
+    # A second lock on the called AE title, in pynetdicom's own negotiation (A-ASSOCIATE-RJ 1/1/7), next
+    # to handle_requested's check, which logs the refusal.
+    ae.require_called_aet = not settings.dicom.accept_any_called_ae
     ae.maximum_pdu_size = settings.dicom.max_pdu
     ae.acse_timeout = settings.dicom.acse_timeout_s
     ae.dimse_timeout = settings.dicom.dimse_timeout_s
@@ -119,6 +152,31 @@ def build_storage_ae(settings: NodeSettings, allow_list: PeerAllowList | None = 
     for sop_class in IMAGE_STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
     return ae
+
+
+def _tls_context(tls: DicomTlsSettings) -> ssl.SSLContext:
+    try:
+        return server_tls_context(tls.cert, tls.key, tls.ca, tls.require_client_cert)
+    except OSError as exc:  # ssl.SSLError included
+        raise ConfigError("dicom.tls", f"cannot load the certificate, key or CA: {exc}") from exc
+
+
+def _start_tls_server(
+    ae: AE, address: tuple[str, int], handlers: list[Any], tls: DicomTlsSettings
+) -> TlsAssociationServer:
+    """As `AE.start_server(block=False)`, with the TLS handshake moved off the accept loop (receive/tls.py)."""
+    server = ae.make_server(
+        address,
+        ssl_context=_tls_context(tls),
+        evt_handlers=handlers,
+        server_class=TlsAssociationServer,
+        handshake_timeout_s=tls.handshake_timeout_s,
+    )
+    assert isinstance(server, TlsAssociationServer)
+    thread = threading.Thread(target=server.serve_forever, name="DicomTlsAcceptor", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as start_server does: AE.shutdown() stops it, server.shutdown() removes it
+    return server
 
 
 class StorageSCP:
@@ -134,6 +192,9 @@ class StorageSCP:
         self.settings = settings
         self.ctx = StoreContext(spool, repo, settings.disk_reserve_mb * 1024 * 1024, metrics)
         self.allow_list = PeerAllowList(settings.dicom.allowed_peers, settings.dicom.allow_any_peer)
+        # The called AE title must be ours (A-ASSOCIATE-RJ reason 7 otherwise) unless the admin lets any
+        # through for a PACS that sends a wrong one.
+        self._called_ae_title = None if settings.dicom.accept_any_called_ae else settings.ae_title.strip()
         self.ae = build_storage_ae(settings, self.allow_list)
         self._server: Any = None
 
@@ -145,13 +206,22 @@ class StorageSCP:
         receive_into(self.ae, self.ctx.spool.incoming)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            (evt.EVT_REQUESTED, handle_requested, [self.allow_list]),
+            (evt.EVT_REQUESTED, handle_requested, [self.allow_list, self._called_ae_title]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
         ]
         address = (self.settings.dicom.bind, self.settings.dicom.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        log.info("DICOM SCP %s listening on %s:%d", self.settings.ae_title, *address)
+        tls = self.settings.dicom.tls
+        if tls is None:
+            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        else:
+            self._server = _start_tls_server(self.ae, address, handlers, tls)
+        log.info(
+            "DICOM SCP %s listening on %s:%d%s",
+            self.settings.ae_title,
+            *address,
+            " (DICOM TLS only)" if tls is not None else "",
+        )
 
     @property
     def port(self) -> int:

@@ -29,7 +29,13 @@ from dicom_ai_node.domain.payloads import DeliverPayload, InferPayload
 from dicom_ai_node.domain.peers import Destination
 from dicom_ai_node.domain.results import RuleIdentity
 from dicom_ai_node.encode.measure import measure
-from dicom_ai_node.errors import DatabaseError, InferenceError, PermanentDeliveryError, TransientDeliveryError
+from dicom_ai_node.errors import (
+    DatabaseError,
+    InferenceError,
+    PermanentDeliveryError,
+    QueryNotSupportedError,
+    TransientDeliveryError,
+)
 from dicom_ai_node.infer.runner import InferenceResult
 from dicom_ai_node.infer.volume import Volume, load_series, voxel_volume_mm3
 from dicom_ai_node.metrics import NodeMetrics
@@ -220,7 +226,10 @@ def _enqueue_deliveries(ctx: StageContext, job: Job, payload: InferPayload, outp
 def run_deliver(job: Job, payload: DeliverPayload, ctx: StageContext) -> dict[str, Any]:
     """Send the result files, then (destination.verify) read back that the destination holds them all.
 
-    A read-back that misses an object is transient: the job is retried and re-sends the same UIDs.
+    A read-back that misses an object is transient: the job is retried and re-sends the same UIDs. A
+    destination that stored everything but offers no query (C-FIND / QIDO-RS refused) is "delivered,
+    not verified": the job succeeds with `verified: false` and the reason in `verify_error`, and the
+    admin decides whether to turn verification off for it.
     """
     dest = ctx.settings.destination(payload.destination)
     deliverer = deliverer_for(dest, ctx.settings.ae_title)
@@ -235,7 +244,7 @@ def run_deliver(job: Job, payload: DeliverPayload, ctx: StageContext) -> dict[st
     try:
         report, paths, fallback = _send(job, payload, ctx, deliverer, paths)
         elapsed = time.perf_counter() - t0
-        verified = _verify(deliverer, dest.name, paths) if dest.verify else False
+        verified, verify_error = _verify(deliverer, dest.name, paths) if dest.verify else (False, None)
     except Exception:
         # Every failed attempt counts, whatever the error; the worker decides retry or dead letter.
         if ctx.metrics is not None:
@@ -243,16 +252,19 @@ def run_deliver(job: Job, payload: DeliverPayload, ctx: StageContext) -> dict[st
         raise
     if ctx.metrics is not None:
         ctx.metrics.observe_delivery(dest.name, time.perf_counter() - t0, ok=True)
+        if verify_error is not None:
+            ctx.metrics.observe_unverified(dest.name)
         _observe_receive_to_delivered(ctx.metrics, ctx.repo, payload.series_instance_uid)
-    log.info(
+    log.log(
+        logging.WARNING if verify_error else logging.INFO,
         "deliver job %d: %d objects to %s in %.2f s%s",
         job.id,
         len(report.sent),
         dest.name,
         elapsed,
-        ", verified" if verified else "",
+        ", verified" if verified else (f", not verified: {verify_error}" if verify_error else ""),
     )
-    return {
+    result: dict[str, Any] = {
         "destination": dest.name,
         "sent": report.sent,
         "warnings": report.warnings,
@@ -260,6 +272,9 @@ def run_deliver(job: Job, payload: DeliverPayload, ctx: StageContext) -> dict[st
         "verified": verified,
         "fallback": fallback,
     }
+    if verify_error is not None:
+        result["verify_error"] = verify_error
+    return result
 
 
 def _send(
@@ -283,21 +298,29 @@ def _send(
         return deliverer.send(paths), paths, True
 
 
-def _verify(deliverer: Deliverer, destination: str, paths: list[Path]) -> bool:
-    """Read back that the destination holds every object sent; a missing one is transient (re-sent)."""
+def _verify(deliverer: Deliverer, destination: str, paths: list[Path]) -> tuple[bool, str | None]:
+    """Read back that the destination holds every object sent -> (verified, why not).
+
+    A missing object is transient (re-sent); a destination without a query service gives
+    (False, the reason): the send succeeded and sending again would not make it answer.
+    """
     headers = [dcmread(p, stop_before_pixels=True, specific_tags=_UID_TAGS) for p in paths]
     expected: dict[tuple[str, str], set[str]] = {}
     for ds in headers:
         key = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
         expected.setdefault(key, set()).add(str(ds.SOPInstanceUID))
     for (study_uid, series_uid), sop_uids in expected.items():
-        missing = sop_uids - deliverer.held(study_uid, series_uid)
+        try:
+            held = deliverer.held(study_uid, series_uid)
+        except QueryNotSupportedError as exc:
+            return False, f"{destination} offers no query to read back with ({exc})"
+        missing = sop_uids - held
         if missing:
             raise TransientDeliveryError(
                 f"read-back: {destination} does not hold {len(missing)} of the {len(sop_uids)} objects "
                 f"sent in series {series_uid}"
             )
-    return True
+    return True, None
 
 
 def _observe_stage(ctx: StageContext, stage: str, model: str, seconds: float) -> None:

@@ -19,6 +19,8 @@ from dicom_ai_node.domain.ingest import StowLimits
 from dicom_ai_node.receive.ingest import stow_ingest
 from dicom_ai_node.store.spool import Spool
 from tests.support.admin_api import PASSWORD, ApiEnv, make_api
+from tests.support.bad_input import CASES as BAD_INPUT_CASES
+from tests.support.bad_input import bad_instance
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 BOUNDARY = "stow-test-boundary"
@@ -277,3 +279,18 @@ def test_tokens_and_users_take_the_sender_role(stow: Stow) -> None:
     # A sender's token cannot be raised above sender.
     up = admin.post("/api/tokens", json={"username": "sender", "name": "x", "role": "viewer"})
     assert up.status_code == 400
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT_CASES))
+def test_bad_input_gets_its_failure_reason_and_nothing_is_kept(stow: Stow, name: str, tmp_path: Path) -> None:
+    """The receive checks of C-STORE (tests/integration/test_scp_bad_input.py), with PS3.18's codes; the
+    part's File Meta Information stands for the C-STORE request."""
+    bad = bad_instance(name, tmp_path / "corpus")
+    before = stow.env.ctx.repo.count_series()
+    r = stow.post(multipart([bad.path.read_bytes()]))
+    assert r.status_code == 409, r.text
+    [(_, reason)] = _failed(r)
+    assert reason == bad.stow_failure_reason, f"{name}: 0x{reason:04X}"
+    assert stow.spooled() == [] and stow.incoming() == []
+    assert stow.env.ctx.repo.get_series(bad.series_instance_uid) is None
+    assert stow.env.ctx.repo.count_series() == before

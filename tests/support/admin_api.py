@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,13 @@ def _record_ct_series(repo: SeriesRepository, when: datetime, uid: str = CT_SERI
         )
 
 
+TEST_HOST = "testserver"
+
+
+def _with_test_host(auth: AuthSettings) -> AuthSettings:
+    return replace(auth, allowed_hosts=(*auth.allowed_hosts, TEST_HOST))
+
+
 def make_api(tmp_path: Path, auth: AuthSettings | None = None) -> ApiEnv:
     """Users admin/operator/viewer (password PASSWORD), one CT series, rules seeded from config/rules.yaml."""
     clock = FakeClock()
@@ -142,7 +149,8 @@ def make_api(tmp_path: Path, auth: AuthSettings | None = None) -> ApiEnv:
         models=_models,
         readiness=lambda: {"database": CheckResult(True, "ok"), "spool": CheckResult(True, "12 GB free")},
         metrics=None,
-        auth=auth or AuthSettings(login_max_failures=3, login_window_s=600),
+        # TestClient and schemathesis send "Host: testserver": allowed here on top of the test's own hosts.
+        auth=_with_test_host(auth or AuthSettings(login_max_failures=3, login_window_s=600)),
         version="test",
         ae_title="AINODE",
         dicom_port=11112,

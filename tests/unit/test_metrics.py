@@ -31,6 +31,7 @@ FAMILIES = [
     "ainode_delivery_duration_seconds",
     "ainode_receive_to_delivered_seconds",
     "ainode_delivery_failures",
+    "ainode_deliveries_unverified",
     "ainode_jobs_finished",
     "ainode_scrape_errors",
 ]

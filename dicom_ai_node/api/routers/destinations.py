@@ -36,7 +36,12 @@ def _public(ctx: CtxDep, dest: DestinationInfo) -> DestinationPublic:
                 status=j.status,
                 finished_at=j.finished_at,
                 verified=bool((j.result or {}).get("verified")),
-                error=j.last_error if j.status != JobStatus.SUCCEEDED else None,
+                error=(
+                    j.last_error
+                    if j.status != JobStatus.SUCCEEDED
+                    # Stored but not read back (no C-FIND / QIDO-RS at the destination): say why.
+                    else (j.result or {}).get("verify_error")
+                ),
             )
             for j in recent
         ],

@@ -39,7 +39,14 @@ export async function renderDestinations(main) {
           h("td", h("a", { href: `#/jobs/${r.job_id}` }, String(r.job_id))),
           h("td", statusBadge(r.status)),
           h("td.time", when(r.finished_at)),
-          h("td", r.verified === true ? h("span.good", "✓ verified") : "—"),
+          h(
+            "td",
+            r.verified === true
+              ? h("span.good", "✓ verified")
+              : r.status === "succeeded" && r.error
+                ? h("span.unverified", { title: r.error }, "not verified")
+                : "—",
+          ),
           h("td.error-cell", { title: r.error || "" }, r.error ? h("div.clamp", r.error) : ""))) : empty("No deliveries yet.", 5))));
   replace(
     main,

@@ -58,9 +58,12 @@ export function stepDetail(detail, status) {
   else if (device !== undefined) parts.push(`on ${device}`);
   const destination = take("destination");
   const verified = take("verified");
+  const verifyError = take("verify_error");
   // "verified" is the delivery's read-back; the step's own status says whether it counts.
   if (verified === true && status === "done") parts.push(`${destination || "the destination"} holds every object`);
   else if (destination !== undefined) parts.push(`to ${destination}`);
+  // Stored, but the destination offers no query to read back with.
+  if (verifyError !== undefined) parts.push(`not verified: ${verifyError}`);
   const jobId = take("job_id");
   if (jobId !== undefined) parts.push(`job ${jobId}`);
   const attempts = take("attempts");
@@ -163,6 +166,9 @@ export async function renderJob(main, id) {
       top,
       h("div.job-title", h("span.kind", job.kind), statusBadge(job.status, "job-status"),
         job.result && job.result.verified === true ? h("span.verified", { test: "job-verified" }, "✓ delivered, verified") : null,
+        job.result && job.result.verified === false && job.result.verify_error
+          ? h("span.unverified", { test: "job-unverified" }, `delivered, not verified: ${job.result.verify_error}`)
+          : null,
         pullProgress(job)),
     );
     replace(

@@ -13,6 +13,7 @@ export const jobField = (job, key) => job[key] ?? job.payload?.[key] ?? null;
 
 export function jobRow(job, { selectable = false, selected = null, onToggle = null } = {}) {
   const verified = job.result && job.result.verified === true;
+  const unverified = job.result && job.result.verified === false && job.result.verify_error;
   const open = () => (location.hash = `#/jobs/${job.id}`);
   return h(
     "tr.clickable",
@@ -25,7 +26,8 @@ export function jobRow(job, { selectable = false, selected = null, onToggle = nu
       : null,
     h("td.num", h("a", { href: `#/jobs/${job.id}` }, String(job.id))),
     h("td.nowrap", job.kind),
-    h("td.nowrap", statusBadge(job.status), verified ? h("span.verified", { title: "the destination holds every object (read-back)" }, "✓ verified") : null),
+    h("td.nowrap", statusBadge(job.status), verified ? h("span.verified", { title: "the destination holds every object (read-back)" }, "✓ verified") : null,
+      unverified ? h("span.unverified", { title: `delivered, not verified: ${job.result.verify_error}` }, "not verified") : null),
     h("td", shortUid(jobField(job, "series_instance_uid"))),
     h("td.name", jobField(job, "rule_id") || ""),
     h("td.name", jobField(job, "model") || ""),
