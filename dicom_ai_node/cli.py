@@ -135,7 +135,8 @@ def serve(
     threads: list[threading.Thread] = []
 
     # Bind both listeners first: a busy port is one clear line and exit 1, not a half-started node.
-    scp = StorageSCP(settings, services.spool, services.repo, metrics)
+    audit = AuditLog(services.engine)
+    scp = StorageSCP(settings, services.spool, services.repo, metrics, audit=audit)
     try:
         scp.start()
     except OSError as exc:
@@ -158,7 +159,7 @@ def serve(
             queue=services.queue,
             rules=services.rules,
             accounts=AccountRepository(services.engine),
-            audit=AuditLog(services.engine),
+            audit=audit,
             registry=services.registry,
             readiness=readiness,
             metrics=metrics,
@@ -181,7 +182,9 @@ def serve(
     scheduler = build_scheduler(services)
     scheduler.start()
     if workers:
-        node_workers = build_workers(services, list(JobKind), inference=inference, metrics=metrics)
+        node_workers = build_workers(
+            services, list(JobKind), inference=inference, metrics=metrics, audit=audit
+        )
         threads.extend(start_worker_threads(node_workers, stop))
     scheme = "https" if settings.http.tls else "http"
     log.info(

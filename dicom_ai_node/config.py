@@ -64,6 +64,15 @@ class DicomSettings(_Strict):
     acse_timeout_s: float = 30
     dimse_timeout_s: float = 60
     network_timeout_s: float = 60
+    # Denial of service (docs/reliability.md, "Denial of service"): open connections in total, per peer
+    # IP (refused at TCP accept, before any thread) and per calling AE (A-ASSOCIATE-RJ 2/3/2); a connection
+    # without A-ASSOCIATE-AC/RJ this long after the TCP accept, or whose PDU is still incomplete this long
+    # after its header began, is closed.
+    max_associations: int = Field(32, ge=1)
+    max_associations_per_ip: int = Field(8, ge=1)
+    max_associations_per_ae: int = Field(8, ge=1)
+    association_setup_timeout_s: float = Field(10, gt=0)
+    pdu_timeout_s: float = Field(30, gt=0)
     # DICOM TLS (docs/operations.md, "DICOM TLS"): the port then refuses plain TCP.
     tls: DicomTlsSettings | None = None
 

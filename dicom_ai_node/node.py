@@ -29,7 +29,7 @@ from dicom_ai_node.persistence.db import (
     sqlite_path,
     upgrade_schema,
 )
-from dicom_ai_node.persistence.queue import JobQueue
+from dicom_ai_node.persistence.queue import Job, JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.persistence.rules_store import RuleStore
 from dicom_ai_node.pull.service import Puller
@@ -37,6 +37,7 @@ from dicom_ai_node.route.completion import CompletionSweep
 from dicom_ai_node.rules_file import load_rules
 from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import Spool
+from dicom_ai_node.worker.audit import audit_deliver_dead
 from dicom_ai_node.worker.context import StageContext
 from dicom_ai_node.worker.pull_stage import run_pull
 from dicom_ai_node.worker.runner import JobHandler, Worker
@@ -188,20 +189,40 @@ def build_workers(
     *,
     inference: InferenceHost | None = None,
     metrics: NodeMetrics | None = None,
+    audit: AuditLog | None = None,
 ) -> list[Worker]:
-    """One worker thread per job kind, so a slow inference never delays deliveries."""
+    """One worker thread per job kind, so a slow inference never delays deliveries.
+
+    Deliver and pull jobs write "dicom.instances_transferred" audit events (worker/audit.py) to `audit`,
+    by default the node's own audit table."""
     # One inference host per node: infer jobs run one at a time in its warm child process, so each
     # model is loaded once (not once per thread) and a hung model can be killed at the timeout.
     inference = inference or InferenceHost.from_settings(services.settings.models)
+    if audit is None and services.engine is not None:
+        audit = AuditLog(services.engine)
     ctx = StageContext(
-        services.settings, services.repo, services.queue, services.spool, inference, __version__, metrics
+        services.settings,
+        services.repo,
+        services.queue,
+        services.spool,
+        inference,
+        __version__,
+        metrics,
+        audit,
     )
     puller = Puller(services.settings, services.spool, services.repo)
+
+    def deliver_dead(job: Job, error: str) -> None:
+        if audit is not None:
+            audit_deliver_dead(audit, services.settings, services.spool, job, error)
+
     handlers: dict[JobKind, JobHandler[Any]] = {
         JobKind.INFER: JobHandler(InferPayload, lambda job, payload: run_infer(job, payload, ctx)),
-        JobKind.DELIVER: JobHandler(DeliverPayload, lambda job, payload: run_deliver(job, payload, ctx)),
+        JobKind.DELIVER: JobHandler(
+            DeliverPayload, lambda job, payload: run_deliver(job, payload, ctx), on_dead=deliver_dead
+        ),
         JobKind.PULL: JobHandler(
-            PullPayload, lambda job, payload: run_pull(job, payload, puller, services.queue)
+            PullPayload, lambda job, payload: run_pull(job, payload, puller, services.queue, audit)
         ),
     }
     w = services.settings.worker

@@ -136,3 +136,6 @@ def is_valid_uid(value: str) -> bool:
 # title not recognised" (not on the allow-list) or 7 "called AE title not recognised" (not this node's).
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+# Rejected-transient, DICOM UL service-provider (presentation), reason 2 "local limit exceeded": a calling
+# AE over `dicom.max_associations_per_ae` (receive/guard.py).
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)

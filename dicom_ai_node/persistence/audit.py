@@ -9,11 +9,18 @@ token ids and UIDs; details are comments, rule diffs, reasons and counts.
 Action names: auth.login, auth.login_failed, auth.login_locked, auth.logout, auth.denied, auth.csrf_failed,
 user.create, user.update, token.create, token.revoke, rule.seed, rule.create, rule.update, rule.delete,
 rule.rollback, rule.import, job.retry, job.rerun, job.cancel, deadletter.replay, destination.test,
-audit.export. Actor: a user name (page/API) or "cli:<os user>"; source: the client IP or "cli".
+audit.export, stow.store. Actor: a user name (page/API) or "cli:<os user>"; source: the client IP or "cli".
+
+DICOM traffic, in the spirit of PS3.15 A.5 (IHE ATNA), written by the edges and the worker, never by the
+API: dicom.instances_transferred (A.5.3.10 "DICOM Instances Transferred"; detail.role "destination" for
+one received association or pull job, "source" for one deliver job; actor: the calling AE title or, for
+sending, this node's; target: the study UIDs) and security.alert (A.5.3.11 "Security Alert": refused
+associations, coalesced to one row per peer address per minute with the count; source: the peer IP).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,8 +28,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dicom_ai_node.errors import DatabaseError
 from dicom_ai_node.persistence._common import Clock, dump_json, load_json, utcnow
 from dicom_ai_node.persistence.tables import audit_events
+
+log = logging.getLogger(__name__)
 
 OUTCOMES = ("ok", "denied", "failed")
 _ACTOR_MAX = 64
@@ -80,6 +90,26 @@ class AuditLog:
         )
         with self._engine.begin() as conn:
             return int(conn.execute(stmt).scalar_one())
+
+    def record_quietly(
+        self,
+        *,
+        actor: str,
+        source: str,
+        action: str,
+        target: str = "",
+        outcome: str = "ok",
+        detail: Mapping[str, Any] | None = None,
+    ) -> int | None:
+        """As `record`, for the DICOM edge and the worker: an audit write must never fail the C-STORE or
+        the job it records, so a database that cannot be used is one warning and None."""
+        try:
+            return self.record(
+                actor=actor, source=source, action=action, target=target, outcome=outcome, detail=detail
+            )
+        except DatabaseError as exc:
+            log.warning("audit event %s (%s) not recorded: %s", action, target or "-", exc)
+            return None
 
     def list_events(
         self,

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, cast
 
+from pydicom.errors import BytesLengthException
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
@@ -52,6 +53,7 @@ _SPECIFIC_TAGS = [Tag(k) for k in (*UID_KEYWORDS, *ROUTING_KEYWORDS, *IMAGE_KEYW
 # understand", never a handler crash.
 _PARSE_ERRORS = (
     PydicomInvalidDicomError,
+    BytesLengthException,  # a value whose length is no multiple of its VR's size (found by fuzzing)
     EOFError,
     ValueError,  # UnicodeDecodeError included
     KeyError,
@@ -188,7 +190,12 @@ def read_header(path: Path) -> Header:
             ds = read_partial(
                 cast(BinaryIO, fh), _stop_at_pixels(fh, found), specific_tags=list(_SPECIFIC_TAGS)
             )
-            meta = ds.file_meta
+            # Inside the try: File Meta values are converted from raw bytes on first access, so a malformed
+            # one raises here (found by fuzzing: an unknown VR in (0002,0002)).
+            meta = {
+                k: str(ds.file_meta.get(k, "") or "").strip()
+                for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
+            }
             uids = {k: str(ds.get(k, "") or "").strip() for k in UID_KEYWORDS}
             attrs = {k: _plain(ds.get(k)) for k in ROUTING_KEYWORDS if ds.get(k) not in (None, "")}
             image = {k: _plain(ds.get(k)) for k in IMAGE_KEYWORDS if ds.get(k) not in (None, "")}
@@ -205,8 +212,8 @@ def read_header(path: Path) -> Header:
         uids=uids,
         attrs=attrs,
         image=image,
-        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "") or "").strip(),
-        media_storage_sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "") or "").strip(),
-        media_storage_sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "") or "").strip(),
+        transfer_syntax_uid=meta["TransferSyntaxUID"],
+        media_storage_sop_class_uid=meta["MediaStorageSOPClassUID"],
+        media_storage_sop_instance_uid=meta["MediaStorageSOPInstanceUID"],
         pixel_data=found[0] if found else None,
     )

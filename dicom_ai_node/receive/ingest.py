@@ -261,7 +261,11 @@ def _check_pixel_data(header: Header) -> None:
     """Refuse Pixel Data shorter than the Image Pixel module says (uncompressed transfer syntaxes only;
     encapsulated frames have no length the header can predict)."""
     pixel = header.pixel_data
-    if pixel is None or not header.transfer_syntax_uid or UID(header.transfer_syntax_uid).is_encapsulated:
+    transfer_syntax = UID(header.transfer_syntax_uid)
+    # A UID that names no transfer syntax (pydicom raises on is_encapsulated): nothing to predict here; STOW-RS
+    # refuses it as an unsupported transfer syntax next, C-STORE never sees one (pynetdicom writes the
+    # negotiated one). Found by tests/fuzz/fuzz_receive.py.
+    if pixel is None or not transfer_syntax.is_transfer_syntax or transfer_syntax.is_encapsulated:
         return
     if pixel.length == UNDEFINED_LENGTH:
         raise _Refused(STATUS_CANNOT_UNDERSTAND, "Pixel Data of undefined length in a native transfer syntax")

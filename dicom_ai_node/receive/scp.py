@@ -17,7 +17,7 @@ from typing import Any
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 
-from dicom_ai_node.config import DicomTlsSettings, NodeSettings
+from dicom_ai_node.config import DicomSettings, DicomTlsSettings, NodeSettings
 from dicom_ai_node.dimse_socket import server_tls_context, set_tcp_nodelay
 from dicom_ai_node.domain.conformance import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -27,13 +27,18 @@ from dicom_ai_node.domain.conformance import (
     STATUS_SUCCESS,
     VERIFICATION_SOP_CLASS,
 )
+from dicom_ai_node.domain.ingest import IngestResult
 from dicom_ai_node.errors import ConfigError
 from dicom_ai_node.metrics import NodeMetrics
+from dicom_ai_node.persistence.audit import AuditLog
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.receive.allowlist import PeerAllowList
+from dicom_ai_node.receive.audit import SecurityAlerts, TransferAudit
 from dicom_ai_node.receive.chunked import receive_into
+from dicom_ai_node.receive.guard import ConnectionGuard, ConnectionLimits
 from dicom_ai_node.receive.ingest import StoreRequest, ingest_file
-from dicom_ai_node.receive.tls import TlsAssociationServer, peer_certificate
+from dicom_ai_node.receive.server import NodeAssociationServer
+from dicom_ai_node.receive.tls import peer_certificate
 from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -48,27 +53,38 @@ class StoreContext:
     repo: SeriesRepository
     reserve_bytes: int
     metrics: NodeMetrics | None = None
+    # One audit event per association (receive/audit.py); None: not audited.
+    transfers: TransferAudit | None = None
 
 
-def handle_requested(event: Event, allow_list: PeerAllowList, called_ae_title: str | None = None) -> None:
+def handle_requested(
+    event: Event,
+    allow_list: PeerAllowList,
+    called_ae_title: str | None = None,
+    alerts: SecurityAlerts | None = None,
+) -> None:
     """Reject associations called to another AE title than `called_ae_title` (None: any called AE, the
     `dicom.accept_any_called_ae` setting), and from calling AEs (or addresses) not on the allow-list.
 
     Fails closed: EVT_REQUESTED is a notification event, and pynetdicom logs and swallows what its
     handlers raise, so an error here must itself reject, never return. Behind it, pynetdicom's own
     `require_calling_aet` (set in `build_storage_ae`) refuses unknown AE titles even if this handler
-    cannot run at all; this handler adds the per-AE address check.
+    cannot run at all; this handler adds the per-AE address check. Each refusal is noted in `alerts`
+    (a coalesced "security.alert" audit event, PS3.15 A.5.3.11).
     """
     assoc = event.assoc
     reject = REJECT_CALLING_AE
+    address, calling_ae, called_ae, why = "", "", "", "allow-list check failed"
     try:
         requestor = assoc.requestor
+        address = str(requestor.address)
         primitive = requestor.primitive
         calling_ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         called_ae = str(primitive.called_ae_title).strip() if primitive is not None else ""
         certificate = peer_certificate(assoc)
         if called_ae_title is not None and called_ae != called_ae_title:
             reject = REJECT_CALLED_AE
+            why = "called AE title is not this node's"
             log.warning(
                 "association rejected: called AE %r is not this node's %r (calling AE %r from %s)",
                 called_ae,
@@ -79,6 +95,7 @@ def handle_requested(event: Event, allow_list: PeerAllowList, called_ae_title: s
         elif allow_list.is_allowed(calling_ae, requestor.address, certificate):
             return
         else:
+            why = "calling AE not allowed" + (" with this TLS client certificate" if certificate else "")
             log.warning(
                 "association rejected: calling AE %r from %s is not allowed%s",
                 calling_ae,
@@ -93,6 +110,8 @@ def handle_requested(event: Event, allow_list: PeerAllowList, called_ae_title: s
         # As pynetdicom's own reject path does: kill() lets the DUL flush the A-ASSOCIATE-RJ first. Killed,
         # the association never exchanges a DIMSE message, even if sending the reject failed.
         assoc.kill()
+        if alerts is not None:
+            alerts.note(address, calling_ae, called_ae, why)
 
 
 def handle_echo(event: Event) -> int:
@@ -102,18 +121,35 @@ def handle_echo(event: Event) -> int:
 def handle_store(event: Event, ctx: StoreContext) -> int:
     """Persist one instance durably, then answer; map every failure to a named DIMSE status."""
     try:
-        status, size = _store(event, ctx)
+        result = _store(event, ctx)
     except Exception:
         if ctx.metrics is not None:
             ctx.metrics.observe_store(_STATUS_HANDLER_RAISED, 0)
+        if ctx.transfers is not None:
+            ctx.transfers.stored(event.assoc, IngestResult(_STATUS_HANDLER_RAISED, "", "", "", stored=False))
         raise
     if ctx.metrics is not None:
-        ctx.metrics.observe_store(status, size)
-    return status
+        ctx.metrics.observe_store(result.status, result.size_bytes)
+    if ctx.transfers is not None:
+        ctx.transfers.stored(event.assoc, result)
+    return result.status
 
 
-def _store(event: Event, ctx: StoreContext) -> tuple[int, int]:
-    """(DIMSE status, bytes of the instance when answered Success else 0)."""
+def handle_association_end(event: Event, transfers: TransferAudit, ending: str) -> None:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: write the association's transfer event once."""
+    assoc = event.assoc
+    if ending == "closed":
+        # The DUL thread closes the connection as soon as an A-ABORT arrives (or after the A-RELEASE-RP
+        # is sent), possibly before the association thread reports it: ask the association.
+        if assoc.is_released:
+            ending = "released"
+        elif assoc.is_aborted or assoc.acse.is_aborted():
+            ending = "aborted"
+    transfers.finish(assoc, ending)
+
+
+def _store(event: Event, ctx: StoreContext) -> IngestResult:
+    """The ingest result: its DIMSE status, and the instance's bytes when answered Success."""
     requestor = event.assoc.requestor
     calling = str(requestor.ae_title).strip()
     request = StoreRequest(
@@ -130,7 +166,7 @@ def _store(event: Event, ctx: StoreContext) -> tuple[int, int]:
         request=request,
         peer=f"{calling} ({requestor.address})",
     )
-    return result.status, result.size_bytes
+    return result
 
 
 def build_storage_ae(settings: NodeSettings, allow_list: PeerAllowList | None = None) -> AE:
@@ -147,7 +183,7 @@ def build_storage_ae(settings: NodeSettings, allow_list: PeerAllowList | None = 
     ae.acse_timeout = settings.dicom.acse_timeout_s
     ae.dimse_timeout = settings.dicom.dimse_timeout_s
     ae.network_timeout = settings.dicom.network_timeout_s
-    ae.maximum_associations = 32
+    ae.maximum_associations = settings.dicom.max_associations
     ae.add_supported_context(VERIFICATION_SOP_CLASS)
     for sop_class in IMAGE_STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
@@ -161,19 +197,29 @@ def _tls_context(tls: DicomTlsSettings) -> ssl.SSLContext:
         raise ConfigError("dicom.tls", f"cannot load the certificate, key or CA: {exc}") from exc
 
 
-def _start_tls_server(
-    ae: AE, address: tuple[str, int], handlers: list[Any], tls: DicomTlsSettings
-) -> TlsAssociationServer:
-    """As `AE.start_server(block=False)`, with the TLS handshake moved off the accept loop (receive/tls.py)."""
+def _start_server(
+    ae: AE, address: tuple[str, int], handlers: list[Any], dicom: DicomSettings
+) -> NodeAssociationServer:
+    """As `AE.start_server(block=False)`, on the node's listener (receive/server.py): connection limits
+    and deadlines, and over TLS the handshake off the accept loop."""
+    limits = ConnectionLimits(
+        max_associations=dicom.max_associations,
+        max_associations_per_ip=dicom.max_associations_per_ip,
+        max_associations_per_ae=dicom.max_associations_per_ae,
+        setup_timeout_s=dicom.association_setup_timeout_s,
+        pdu_timeout_s=dicom.pdu_timeout_s,
+    )
+    tls = dicom.tls
     server = ae.make_server(
         address,
-        ssl_context=_tls_context(tls),
+        ssl_context=_tls_context(tls) if tls is not None else None,
         evt_handlers=handlers,
-        server_class=TlsAssociationServer,
-        handshake_timeout_s=tls.handshake_timeout_s,
+        server_class=NodeAssociationServer,
+        guard=ConnectionGuard(limits),
+        handshake_timeout_s=tls.handshake_timeout_s if tls is not None else 10,
     )
-    assert isinstance(server, TlsAssociationServer)
-    thread = threading.Thread(target=server.serve_forever, name="DicomTlsAcceptor", daemon=True)
+    assert isinstance(server, NodeAssociationServer)
+    thread = threading.Thread(target=server.serve_forever, name="DicomAcceptor", daemon=True)
     thread.start()
     ae._servers.append(server)  # as start_server does: AE.shutdown() stops it, server.shutdown() removes it
     return server
@@ -188,9 +234,14 @@ class StorageSCP:
         spool: Spool,
         repo: SeriesRepository,
         metrics: NodeMetrics | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.settings = settings
-        self.ctx = StoreContext(spool, repo, settings.disk_reserve_mb * 1024 * 1024, metrics)
+        # With `audit`: one "dicom.instances_transferred" event per association and coalesced
+        # "security.alert" events for refused ones (receive/audit.py).
+        self.transfers = TransferAudit(audit) if audit is not None else None
+        self.alerts = SecurityAlerts(audit) if audit is not None else None
+        self.ctx = StoreContext(spool, repo, settings.disk_reserve_mb * 1024 * 1024, metrics, self.transfers)
         self.allow_list = PeerAllowList(settings.dicom.allowed_peers, settings.dicom.allow_any_peer)
         # The called AE title must be ours (A-ASSOCIATE-RJ reason 7 otherwise) unless the admin lets any
         # through for a PACS that sends a wrong one.
@@ -206,16 +257,21 @@ class StorageSCP:
         receive_into(self.ae, self.ctx.spool.incoming)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            (evt.EVT_REQUESTED, handle_requested, [self.allow_list, self._called_ae_title]),
+            (evt.EVT_REQUESTED, handle_requested, [self.allow_list, self._called_ae_title, self.alerts]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ctx]),
         ]
+        if self.transfers is not None:
+            handlers += [
+                (evt.EVT_RELEASED, handle_association_end, [self.transfers, "released"]),
+                (evt.EVT_ABORTED, handle_association_end, [self.transfers, "aborted"]),
+                (evt.EVT_CONN_CLOSE, handle_association_end, [self.transfers, "closed"]),
+            ]
+        if self.alerts is not None:
+            self.alerts.start()
         address = (self.settings.dicom.bind, self.settings.dicom.port)
         tls = self.settings.dicom.tls
-        if tls is None:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
-        else:
-            self._server = _start_tls_server(self.ae, address, handlers, tls)
+        self._server = _start_server(self.ae, address, handlers, self.settings.dicom)
         log.info(
             "DICOM SCP %s listening on %s:%d%s",
             self.settings.ae_title,
@@ -231,3 +287,5 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self.alerts is not None:
+            self.alerts.stop()  # writes the refusals of the still-open window

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.metrics import NodeMetrics
+from dicom_ai_node.persistence.audit import AuditLog
 from dicom_ai_node.persistence.queue import JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.store.spool import Spool
@@ -25,3 +26,5 @@ class StageContext:
     inference: InferenceHost
     software_version: str
     metrics: NodeMetrics | None = None
+    # "dicom.instances_transferred" events of deliver jobs (worker/audit.py); None: not audited.
+    audit: AuditLog | None = None

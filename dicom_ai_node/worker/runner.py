@@ -38,6 +38,9 @@ class JobHandler(Generic[P]):
 
     payload_model: type[P]
     run: Callable[[Job, P], dict[str, Any]]
+    # Called once when a job of this kind goes to the dead letter, with its error (e.g. the deliver
+    # job's "instances transferred: failed" audit event); must not raise.
+    on_dead: Callable[[Job, str], None] | None = None
 
     def __call__(self, job: Job) -> dict[str, Any]:
         # PayloadError (permanent) names the fields that do not validate.
@@ -129,6 +132,9 @@ class Worker:
             log.warning("job %d failed after its lease was lost: %s", job.id, message)
             return
         self._finished(job, status)
+        on_dead = self.handlers[job.kind].on_dead
+        if status == JobStatus.DEAD and on_dead is not None:
+            on_dead(job, message)
         level = logging.ERROR if status == JobStatus.DEAD else logging.WARNING
         log.log(
             level,

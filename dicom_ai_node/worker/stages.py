@@ -41,6 +41,7 @@ from dicom_ai_node.infer.volume import Volume, load_series, voxel_volume_mm3
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.queue import Job
 from dicom_ai_node.persistence.repository import SeriesRepository, SeriesStatus
+from dicom_ai_node.worker.audit import audit_delivered
 from dicom_ai_node.worker.context import StageContext
 from dicom_ai_node.worker.outputs import (
     PLAIN_BINARY,
@@ -274,6 +275,8 @@ def run_deliver(job: Job, payload: DeliverPayload, ctx: StageContext) -> dict[st
     }
     if verify_error is not None:
         result["verify_error"] = verify_error
+    if ctx.audit is not None:
+        audit_delivered(ctx.audit, job, dest, ctx.settings.ae_title, paths, result)
     return result
 
 

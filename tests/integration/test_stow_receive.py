@@ -98,6 +98,14 @@ def test_a_series_is_stored_and_every_sop_listed(stow: Stow, series: list[Path])
     [event] = stow.env.ctx.audit.list_events(action="stow.store")
     assert (event.actor, event.target, event.outcome) == ("sender", str(first.StudyInstanceUID), "ok")
     assert event.detail["stored"] == 3 and event.detail["failed"] == 0 and event.detail["duplicates"] == 0
+    # The same shape as a received association's dicom.instances_transferred event.
+    assert (event.detail["role"], event.detail["via"], event.detail["instances"]) == (
+        "destination",
+        "STOW-RS",
+        3,
+    )
+    assert event.detail["studies"] == [str(first.StudyInstanceUID)]
+    assert event.detail["statuses"] == {"0x0000": 3}
 
 
 def test_a_repeated_stow_is_stored_once_and_still_200(stow: Stow, series: list[Path]) -> None:

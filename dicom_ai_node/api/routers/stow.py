@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -258,13 +259,20 @@ def _respond(
         action="stow.store",
         target=study or (next(iter(studies)) if len(studies) == 1 else f"{len(studies)} studies"),
         outcome="ok" if status == 200 else "failed",  # 202/409: detail says how many failed
+        # The same counts as a received association's "dicom.instances_transferred" event
+        # (receive/audit.py); this action keeps its name, the detail its role and path.
         detail={
+            "role": "destination",
+            "via": "STOW-RS",
             "token": sender.token_name,
+            "studies": sorted(studies)[:20],
+            "instances": len(results),
             "parts": len(results),
             "stored": len(stored) - duplicates,
             "duplicates": duplicates,
             "failed": len(failed),
             "failure_reasons": sorted({f"0x{r.status:04X}" for r in failed}),
+            "statuses": dict(sorted(Counter(f"0x{r.status:04X}" for r in results).items())),
             "bytes": size,
         },
     )
@@ -292,5 +300,11 @@ def _audit_rejected(
         action="stow.store",
         target=study or "",
         outcome="failed",
-        detail={"token": sender.token_name, "status": exc.status_code, "reason": str(exc.detail)},
+        detail={
+            "role": "destination",
+            "via": "STOW-RS",
+            "token": sender.token_name,
+            "status": exc.status_code,
+            "reason": str(exc.detail),
+        },
     )
