@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -90,6 +91,11 @@ def _parse_peer(value: str) -> tuple[str, str, int]:
         raise typer.BadParameter(f"expected AET@HOST:PORT, got {value!r}") from exc
 
 
+# SIGTERM: how long worker threads may go on finishing a job (a delivery, an encoding) before their jobs
+# are released back to the queue; a running inference is killed at once instead.
+_WORKER_STOP_S = 10.0
+
+
 def _wait_for_signal() -> threading.Event:
     stop = threading.Event()
 
@@ -113,11 +119,18 @@ def serve(
     from dicom_ai_node.api.server import start_http
     from dicom_ai_node.infer.host import InferenceHost
     from dicom_ai_node.metrics import NodeMetrics
-    from dicom_ai_node.node import build_scheduler, build_workers, seed_rules, start_worker_threads
+    from dicom_ai_node.node import (
+        build_receiver,
+        build_scheduler,
+        build_workers,
+        seed_rules,
+        start_worker_threads,
+        stop_workers,
+    )
     from dicom_ai_node.node_admin import build_admin_context, insecure_http_warning, readiness_checks
     from dicom_ai_node.persistence.accounts import AccountRepository
     from dicom_ai_node.persistence.audit import AuditLog
-    from dicom_ai_node.receive.scp import StorageSCP
+    from dicom_ai_node.route.completion import SweepTrigger
 
     settings = _settings(config)
     _setup_logging(settings.log_level)
@@ -129,6 +142,12 @@ def serve(
     dropped = services.spool.clean_incoming()
     if dropped:
         log.info("removed %d unacknowledged partial files from the spool", dropped)
+    # A kill between a file's rename into the spool and its row's commit leaves a file no row names.
+    orphans = services.spool.remove_orphans(
+        services.repo.instance_spool_paths, services.repo.has_instance_file
+    )
+    if orphans:
+        log.info("removed %d unacknowledged spool files that no instance row names", orphans)
     stop = _wait_for_signal()
     metrics = NodeMetrics(job_counts=services.queue.counts, queue_stats=services.queue.stats)
     inference = InferenceHost.from_settings(settings.models) if workers else None
@@ -136,7 +155,14 @@ def serve(
 
     # Bind both listeners first: a busy port is one clear line and exit 1, not a half-started node.
     audit = AuditLog(services.engine)
-    scp = StorageSCP(settings, services.spool, services.repo, metrics, audit=audit)
+    # A release from a peer with series_complete_on_release kicks the completion sweep at once.
+    sweep_now = SweepTrigger()
+    try:
+        # dicom.receiver: the in-process SCP, or the native receiver this node starts and supervises.
+        scp = build_receiver(settings, services, metrics, audit, on_series_complete=sweep_now.kick)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     try:
         scp.start()
     except OSError as exc:
@@ -179,8 +205,9 @@ def serve(
             scp.stop()
             _fail_listen("HTTP", settings.http.bind, settings.http.port, exc)
 
-    scheduler = build_scheduler(services)
+    scheduler = build_scheduler(services, sweep_now=sweep_now)
     scheduler.start()
+    node_workers = []
     if workers:
         node_workers = build_workers(
             services, list(JobKind), inference=inference, metrics=metrics, audit=audit
@@ -198,12 +225,17 @@ def serve(
         settings.http.port,
     )
     stop.wait()
-    scp.stop()
+    stopping_since = time.monotonic()
+    if inference is not None:
+        inference.interrupt()  # a model running now is killed: its worker releases the job at once
+    # The port closes now; associations in flight may finish within the grace, then get an A-ABORT.
+    scp.stop(settings.dicom.shutdown_grace_s)
     scheduler.shutdown(wait=False)
+    sweep_now.stop()
     if server is not None:
         server.should_exit = True
-    for t in threads:
-        t.join(timeout=30)
+    # The workers have been stopping meanwhile: what is left of their time, counted from the signal.
+    stop_workers(node_workers, threads, inference, _WORKER_STOP_S - (time.monotonic() - stopping_since))
     log.info("stopped")
 
 
@@ -241,12 +273,16 @@ def worker(
     config: ConfigOption = None,
     kind: Annotated[list[JobKind] | None, typer.Option(help="Job kinds to run (default: all)")] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus /metrics for this process on 127.0.0.1:PORT")
+        int | None, typer.Option(help="Serve Prometheus /metrics for this process on METRICS_BIND:PORT")
     ] = None,
+    metrics_bind: Annotated[
+        str, typer.Option(help="Address for --metrics-port (0.0.0.0 in a container: Prometheus, probes)")
+    ] = "127.0.0.1",
 ) -> None:
     """A separate worker process (scale-out: one per GPU) against the shared database and spool."""
+    from dicom_ai_node.infer.host import InferenceHost
     from dicom_ai_node.metrics import NodeMetrics, start_metrics_server
-    from dicom_ai_node.node import build_scheduler, build_workers, start_worker_threads
+    from dicom_ai_node.node import build_scheduler, build_workers, start_worker_threads, stop_workers
 
     settings = _settings(config)
     _setup_logging(settings.log_level)
@@ -255,16 +291,17 @@ def worker(
     metrics = NodeMetrics(job_counts=services.queue.counts, queue_stats=services.queue.stats)
     if metrics_port is not None:
         try:
-            start_metrics_server(metrics, "127.0.0.1", metrics_port)
+            start_metrics_server(metrics, metrics_bind, metrics_port)
         except OSError as exc:
-            _fail_listen("metrics", "127.0.0.1", metrics_port, exc)
+            _fail_listen("metrics", metrics_bind, metrics_port, exc)
     scheduler = build_scheduler(services, completion_sweep=False)
     scheduler.start()
-    threads = start_worker_threads(build_workers(services, kind or list(JobKind), metrics=metrics), stop)
+    inference = InferenceHost.from_settings(settings.models)
+    node_workers = build_workers(services, kind or list(JobKind), inference=inference, metrics=metrics)
+    threads = start_worker_threads(node_workers, stop)
     stop.wait()
     scheduler.shutdown(wait=False)
-    for t in threads:
-        t.join(timeout=30)
+    stop_workers(node_workers, threads, inference, _WORKER_STOP_S)
 
 
 def _collect_files(paths: list[Path]) -> list[Path]:

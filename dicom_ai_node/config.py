@@ -73,8 +73,27 @@ class DicomSettings(_Strict):
     max_associations_per_ae: int = Field(8, ge=1)
     association_setup_timeout_s: float = Field(10, gt=0)
     pdu_timeout_s: float = Field(30, gt=0)
+    # On SIGTERM the port closes at once; associations in flight may go on this long, then get an A-ABORT
+    # (keep it below the orchestrator's stop timeout, e.g. Kubernetes' 30 s terminationGracePeriodSeconds).
+    shutdown_grace_s: float = Field(10, ge=0)
     # DICOM TLS (docs/operations.md, "DICOM TLS"): the port then refuses plain TCP.
     tls: DicomTlsSettings | None = None
+    # The C-STORE edge: "pynetdicom" (in the node's process) or "dcmtk", the native receiver
+    # (native/ainode-storescp, built by scripts/bootstrap.sh; docs/performance.md, "Ingest"): same access
+    # rules and receive checks, several times the throughput; no DICOM TLS, IPv4 only.
+    receiver: Literal["pynetdicom", "dcmtk"] = "pynetdicom"
+
+    @model_validator(mode="after")
+    def _native_receiver_limits(self) -> DicomSettings:
+        if self.receiver == "dcmtk" and self.tls is not None:
+            raise ValueError(
+                "receiver dcmtk does not support DICOM TLS: remove tls or set receiver: pynetdicom"
+            )
+        if self.receiver == "dcmtk" and ":" in self.bind:
+            raise ValueError(
+                "receiver dcmtk listens on IPv4 only: bind an IPv4 address or set receiver: pynetdicom"
+            )
+        return self
 
     @model_validator(mode="after")
     def _certificate_binding_needs_tls(self) -> DicomSettings:

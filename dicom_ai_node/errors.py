@@ -92,8 +92,12 @@ class QueryNotSupportedError(PermanentDeliveryError):
     accepted presentation context) or 0x0122, QIDO-RS answered 404/405/501. The send itself succeeded."""
 
 
-class InferenceTimeoutError(InferenceError):
-    """A model ran past models.inference_timeout_s; its process was killed (retrying would hang again)."""
+class InferenceTimeoutError(TransientError):
+    """A model ran past models.inference_timeout_s; its process was killed.
+
+    Transient, unlike InferenceError: a model can be slow for a while (a GPU shared with another job, a
+    busy host, a first load from a cold disk), so the job is retried with backoff; a model that hangs on
+    this input every time ends in the dead letter after worker.max_attempts, with this message."""
 
 
 class AccountError(NodeError):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -18,6 +20,7 @@ from dicom_ai_node import __version__
 from dicom_ai_node.config import NodeSettings
 from dicom_ai_node.domain.jobs import JobKind, RetryPolicy
 from dicom_ai_node.domain.payloads import DeliverPayload, InferPayload, PullPayload
+from dicom_ai_node.errors import DatabaseError
 from dicom_ai_node.infer.host import InferenceHost
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry
 from dicom_ai_node.metrics import NodeMetrics
@@ -33,12 +36,13 @@ from dicom_ai_node.persistence.queue import Job, JobQueue
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.persistence.rules_store import RuleStore
 from dicom_ai_node.pull.service import Puller
-from dicom_ai_node.route.completion import CompletionSweep
+from dicom_ai_node.route.completion import CompletionSweep, SweepTrigger
 from dicom_ai_node.rules_file import load_rules
 from dicom_ai_node.store.retention import RetentionSweep
 from dicom_ai_node.store.spool import Spool
 from dicom_ai_node.worker.audit import audit_deliver_dead
 from dicom_ai_node.worker.context import StageContext
+from dicom_ai_node.worker.outage import DatabaseOutage
 from dicom_ai_node.worker.pull_stage import run_pull
 from dicom_ai_node.worker.runner import JobHandler, Worker
 from dicom_ai_node.worker.stages import run_deliver, run_infer
@@ -103,11 +107,14 @@ def _open_database(url: str, migrate: Literal["upgrade", "check"]) -> Any:
     return engine
 
 
-def build_scheduler(services: Services, completion_sweep: bool = True) -> BackgroundScheduler:
+def build_scheduler(
+    services: Services, completion_sweep: bool = True, sweep_now: SweepTrigger | None = None
+) -> BackgroundScheduler:
     """In-process, idempotent DB sweeps only (docs/architecture.md, "Idempotent sweeps").
 
     Every process recovers stalled jobs; a worker-only process (`completion_sweep=False`) leaves routing
-    and retention to the receiving nodes.
+    and retention to the receiving nodes. `sweep_now` (kicked by the SCP when a sender signals a series
+    complete) is started here to run the completion sweep at once; the caller stops it.
     """
     s = services.settings
     scheduler = BackgroundScheduler(
@@ -127,6 +134,8 @@ def build_scheduler(services: Services, completion_sweep: bool = True) -> Backgr
             seconds=s.sweep_interval_s,
             id="completion-sweep",
         )
+        if sweep_now is not None:
+            sweep_now.start(sweep.run_once)
         if s.retention.days:
             retention = RetentionSweep(services.repo, services.spool, s.retention)
             scheduler.add_job(
@@ -147,11 +156,17 @@ def build_scheduler(services: Services, completion_sweep: bool = True) -> Backgr
 
 
 def _guarded(fn: Any, name: str) -> Any:
+    outage = DatabaseOutage(name, log)
+
     def run() -> None:
         try:
             fn()
+        except DatabaseError as exc:  # down or restarting: one line per outage, the next run retries
+            outage.failed(exc)
         except Exception:  # noqa: BLE001 - a failed sweep must not stop the scheduler; next run retries
             log.exception("%s failed", name)
+        else:
+            outage.cleared()
 
     run.__name__ = name.replace(" ", "_")
     return run
@@ -243,7 +258,60 @@ def build_workers(
 def start_worker_threads(workers: list[Worker], stop: threading.Event) -> list[threading.Thread]:
     threads = []
     for worker in workers:
-        t = threading.Thread(target=worker.run_forever, args=(stop,), name=f"worker-{worker.kinds[0].value}")
+        # Daemon threads: one still busy when `stop_workers` gives up has had its job released, and must
+        # not keep the process from exiting.
+        t = threading.Thread(
+            target=worker.run_forever, args=(stop,), name=f"worker-{worker.kinds[0].value}", daemon=True
+        )
         t.start()
         threads.append(t)
     return threads
+
+
+def stop_workers(
+    workers: list[Worker], threads: list[threading.Thread], inference: InferenceHost | None, timeout_s: float
+) -> None:
+    """Shutdown, once the `stop` event of `start_worker_threads` is set: kill a running inference (its
+    worker releases the job back to the queue at once), wait up to `timeout_s` for the worker threads to
+    end, then release the jobs of those still busy. Nothing is left 'running' until its lease expires."""
+    if inference is not None:
+        inference.interrupt()
+    deadline = time.monotonic() + timeout_s
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        worker.release_current()
+
+
+class Receiver(Protocol):
+    """The node's C-STORE edge, whichever `dicom.receiver` names."""
+
+    @property
+    def port(self) -> int: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, grace_s: float = 0) -> None: ...
+
+
+def build_receiver(
+    settings: NodeSettings,
+    services: Services,
+    metrics: NodeMetrics | None = None,
+    audit: AuditLog | None = None,
+    on_series_complete: Callable[[], None] | None = None,
+) -> Receiver:
+    """`dicom.receiver`: "pynetdicom", the SCP in this process (receive/scp.py), or "dcmtk", the native
+    receiver (receive/native.py), a child process that this node starts on `start()`, restarts when it
+    dies and stops on `stop()`; ConfigError when it is not built."""
+    if settings.dicom.receiver == "dcmtk":
+        from dicom_ai_node.receive.native import NativeReceiver
+
+        return NativeReceiver(
+            settings, services.spool, services.repo, metrics, audit, on_series_complete=on_series_complete
+        )
+    from dicom_ai_node.receive.scp import StorageSCP
+
+    return StorageSCP(
+        settings, services.spool, services.repo, metrics, audit=audit, on_series_complete=on_series_complete
+    )

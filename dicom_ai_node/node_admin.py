@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def _database(queue: JobQueue) -> CheckResult:
 
 
 def _spool(incoming: Path, free_bytes: Callable[[], int], reserve_bytes: int) -> CheckResult:
-    probe = incoming / f".readyz-{os.getpid()}-{threading.get_ident()}"
+    # Unique across pods sharing the spool: each container's node is pid 1 there, and threads' idents repeat.
+    probe = incoming / f".readyz-{uuid.uuid4().hex}"
     try:
         with open(probe, "wb") as fh:
             fh.write(b"ok")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the node and its tests need on a fresh Debian machine (idempotent).
 # - Debian packages: Orthanc + DICOMweb plugin, DCMTK, dicom3tools (dciodvfy), mricron-data (ch2 test brain),
+#   strace (the durable write-order test), libdcmtk-dev + g++ + make (the native receiver),
 #   PostgreSQL (only when none is installed)
 # - a virtual environment in .venv: torch==2.13.0 first (a CPU wheel; an unpinned torch pulls GBs of CUDA),
 #   then the package with its dev extras, then deepbet without its GUI dependencies
@@ -8,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools mricron-data curl chromium)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools mricron-data curl chromium strace libdcmtk-dev g++ make)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -42,6 +43,10 @@ $VPIP install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 # deepbet's GUI dependency (customtkinter) is not needed: install the model package without deps; the
 # runtime deps it needs (nibabel, cc3d, fill_voids, pandas, tqdm) come with our own requirements.
 .venv/bin/python -c "import deepbet" 2>/dev/null || $VPIP install -q --no-deps "deepbet==1.0.2" 2>&1 | grep -v "^WARNING: Location" || true
+
+# The native receive edge (dicom.receiver: dcmtk) on DCMTK's network library, into build/ (git-ignored).
+echo "bootstrap: building the native receiver (native/ainode-storescp)"
+make -s -C native/ainode-storescp
 
 bash scripts/fetch-test-data.sh
 bash scripts/fetch-ohif.sh

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_ai_node.dimse_socket import client_tls_context, set_tcp_nodelay
@@ -37,6 +38,9 @@ STUDY_ROOT_FIND = UID(
 )  # PS3.8 9.3.2.2: at most 128 presentation contexts per association
 # PS3.7 C.4.1.1.4: "Refused: SOP Class not supported", as a C-FIND status.
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
+# A-ASSOCIATE-RJ Result (PS3.8 9.3.4).
+_REJECTED_PERMANENT = 0x01
+_REJECTED_TRANSIENT = 0x02
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _associate(
         tls_args=_tls_args(peer),
     )
     if assoc.is_rejected:
-        raise PermanentDeliveryError(f"association rejected by {peer.ae_title}@{peer.host}:{peer.port}")
+        raise _rejection(assoc, peer)
     if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
         # The peer answered but accepts none of the proposed SOP classes / transfer syntaxes: a retry
         # will not change its mind (e.g. a PACS that does not know the LABELMAP SEG SOP class).
@@ -130,6 +134,26 @@ def _associate(
         over = " over TLS (see the log for the handshake error)" if peer.tls is not None else ""
         raise TransientDeliveryError(f"cannot associate with {peer.ae_title}@{peer.host}:{peer.port}{over}")
     return assoc
+
+
+def _rejection(assoc: Association, peer: DicomPeer) -> PermanentDeliveryError | TransientDeliveryError:
+    """The error for an A-ASSOCIATE-RJ, with its result, source and reason (PS3.8 9.3.4).
+
+    "Rejected (transient)" (e.g. 2/3/2, local limit exceeded: a PACS at its association limit) may be
+    accepted on a later try, so it is retried with backoff; "rejected (permanent)" (an unknown calling or
+    called AE title) will not change without an admin, so it goes to the dead letter at once.
+    """
+    rj = getattr(assoc.acceptor, "primitive", None)
+    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if rj is None or rj.result not in (_REJECTED_PERMANENT, _REJECTED_TRANSIENT):
+        return PermanentDeliveryError(f"association rejected by {where}")
+    message = (
+        f"association rejected by {where}: {rj.result_str.lower()}, {rj.source_str.lower()}, "
+        f"{rj.reason_str.lower()} ({rj.result}/{rj.result_source}/{rj.diagnostic})"
+    )
+    if rj.result == _REJECTED_TRANSIENT:
+        return TransientDeliveryError(message)
+    return PermanentDeliveryError(message)
 
 
 def echo(peer: DicomPeer) -> int:

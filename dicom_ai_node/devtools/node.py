@@ -51,11 +51,16 @@ class NodeProcess:
         api_account: bool = True,
         api_user: str = TEST_ADMIN,
         api_role: Role = Role.ADMIN,
+        pacs_complete_on_release: bool = False,
+        launcher: tuple[str, ...] = (),
     ) -> None:
         """`api_account=False` leaves the node without any user (as a fresh install is): the caller's own
         requests then go without a token, and only the open routes answer them. Otherwise `start()`
-        creates user `api_user` with `api_role` (random password) and a token for those requests."""
+        creates user `api_user` with `api_role` (random password) and a token for those requests.
+        `launcher`: a command that runs the node as its child (e.g. `strace ... --`); `proc` is then the
+        launcher's process."""
         self.serve_args = serve_args
+        self.launcher = launcher
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -68,7 +73,16 @@ class NodeProcess:
             "dicom": {
                 "bind": "127.0.0.1",
                 "port": self.dicom_port,
-                "allowed_peers": [{"ae_title": pacs_aet, "hosts": ["127.0.0.1"]}, {"ae_title": "STORESCU"}],
+                "allowed_peers": [
+                    # pacs_complete_on_release: the PACS's release of an association completes its series
+                    # (Orthanc forwards each stable series in one association).
+                    {
+                        "ae_title": pacs_aet,
+                        "hosts": ["127.0.0.1"],
+                        "series_complete_on_release": pacs_complete_on_release,
+                    },
+                    {"ae_title": "STORESCU"},
+                ],
             },
             "http": {"bind": "127.0.0.1", "port": self.http_port},
             "spool_dir": str(self.workdir / "spool"),
@@ -119,6 +133,7 @@ class NodeProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.launcher,
                     sys.executable,
                     "-m",
                     "dicom_ai_node.cli",

@@ -137,6 +137,55 @@ def _unit_grid(n_slices: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndar
     )
 
 
+def _base_dataset(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    study_uid: str,
+    series_uid: str,
+    now: datetime.datetime,
+    *,
+    modality: str,
+    series_number: int,
+    study_description: str,
+    series_description: str,
+    body_part: str,
+) -> Dataset:
+    """File Meta, SOP Common, Patient (fake values), General Study, General Series and Equipment: what
+    every synthetic image shares, whatever its modality."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    # SOP Common
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    # Patient (obviously fake values)
+    ds.PatientName = FAKE_PATIENT_NAME
+    ds.PatientID = FAKE_PATIENT_ID
+    ds.PatientBirthDate = "19000101"
+    ds.PatientSex = "O"
+    # General Study
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = now.strftime("%Y%m%d")
+    ds.StudyTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "SYNTH1"
+    ds.AccessionNumber = "SYNTHACC1"
+    ds.StudyDescription = study_description
+    # General Series
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description
+    ds.BodyPartExamined = body_part
+    # General Equipment
+    ds.Manufacturer = "Synthetic"
+    return ds
+
+
 def _write_series(
     directory: Path | str,
     pixels: np.ndarray,
@@ -170,42 +219,22 @@ def _write_series(
     paths: list[Path] = []
     for index in range(n_slices):
         sop_instance_uid = generate_uid()
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-        # SOP Common
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = sop_class_uid
-        ds.SOPInstanceUID = sop_instance_uid
-        # Patient (obviously fake values)
-        ds.PatientName = FAKE_PATIENT_NAME
-        ds.PatientID = FAKE_PATIENT_ID
-        ds.PatientBirthDate = "19000101"
-        ds.PatientSex = "O"
-        # General Study
-        ds.StudyInstanceUID = study_uid
-        ds.StudyDate = now.strftime("%Y%m%d")
-        ds.StudyTime = now.strftime("%H%M%S")
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "SYNTH1"
-        ds.AccessionNumber = "SYNTHACC1"
-        ds.StudyDescription = "Synthetic phantom study"
-        # General Series
-        ds.Modality = modality
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = f"Synthetic {modality} phantom"
-        ds.BodyPartExamined = "CHEST" if modality == "CT" else "HEAD"
+        ds = _base_dataset(
+            sop_class_uid,
+            sop_instance_uid,
+            study_uid,
+            series_uid,
+            now,
+            modality=modality,
+            series_number=series_number,
+            study_description="Synthetic phantom study",
+            series_description=f"Synthetic {modality} phantom",
+            body_part="CHEST" if modality == "CT" else "HEAD",
+        )
         ds.PatientPosition = "HFS"
         # Frame of Reference
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
-        # General Equipment
-        ds.Manufacturer = "Synthetic"
         # General Image
         ds.InstanceNumber = index + 1
         ds.ContentDate = ds.StudyDate
@@ -282,35 +311,20 @@ def write_cr_image(
     thorax = np.exp(-(((x - cols / 2) / (cols / 3)) ** 2 + ((y - rows / 2) / (rows / 2.5)) ** 2))
     pixels = np.rint(4095 * np.clip(brightness * (0.5 + 0.5 * thorax), 0, 1)).astype("<u2")
     now = datetime.datetime(2001, 1, 1, 12, 0, 0)
-    sop_instance_uid = generate_uid()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = UID(CR_IMAGE_STORAGE)
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.PatientName = FAKE_PATIENT_NAME
-    ds.PatientID = FAKE_PATIENT_ID
-    ds.PatientBirthDate = "19000101"
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = study_instance_uid or generate_uid()
-    ds.StudyDate = now.strftime("%Y%m%d")
-    ds.StudyTime = now.strftime("%H%M%S")
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "SYNTH1"
-    ds.AccessionNumber = "SYNTHACC1"
-    ds.StudyDescription = "Synthetic chest radiograph"
-    ds.Modality = "CR"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 1
-    ds.SeriesDescription = "Synthetic chest PA"
-    ds.BodyPartExamined = body_part
+    ds = _base_dataset(
+        CR_IMAGE_STORAGE,
+        generate_uid(),
+        study_instance_uid or generate_uid(),
+        generate_uid(),
+        now,
+        modality="CR",
+        series_number=1,
+        study_description="Synthetic chest radiograph",
+        series_description="Synthetic chest PA",
+        body_part=body_part,
+    )
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]
-    ds.Manufacturer = "Synthetic"
     ds.InstanceNumber = 1
     ds.ContentDate = ds.StudyDate
     ds.ContentTime = ds.StudyTime

@@ -35,6 +35,7 @@ class IngestResult:
     duplicate: bool = False
     study_instance_uid: str = ""
     size_bytes: int = 0
+    series_instance_uid: str = ""
 
     @property
     def ok(self) -> bool:

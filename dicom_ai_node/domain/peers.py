@@ -103,6 +103,11 @@ class AllowedPeer(_Peer):
     hosts: list[str] = Field(default_factory=list)
     tls_subject: str | None = None
     tls_fingerprint: str | None = None
+    # A completion signal (docs/routing-rules.md, "When is a series complete?"): this peer sends each
+    # series whole in one association (Orthanc forwards stable series that way), so the series received
+    # in an association it releases (not aborts) are complete at once, without the quiet period. Per AE
+    # title: set it on every entry of that AE title.
+    series_complete_on_release: bool = False
 
     _ae = field_validator("ae_title")(check_ae_title)
 

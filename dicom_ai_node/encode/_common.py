@@ -6,6 +6,7 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -32,14 +33,39 @@ _TYPE2_IDENTITY = (
 
 
 def with_type2_identity(ds: Dataset) -> Dataset:
-    """`ds`, or a copy of it with the missing Type 2 patient/study attributes present and empty."""
+    """`ds`, or a copy of it with the missing Type 2 patient/study attributes present and empty and its
+    SpecificCharacterSet spelled as highdicom accepts it (`_highdicom_character_set`).
+
+    highdicom copies patient and study attributes, and SpecificCharacterSet, from this first source.
+    """
     missing = [keyword for keyword in _TYPE2_IDENTITY if keyword not in ds]
-    if not missing:
+    charset = _highdicom_character_set(ds.get("SpecificCharacterSet"))
+    respell = charset != ds.get("SpecificCharacterSet")
+    if not missing and not respell:
         return ds
     patched = copy.deepcopy(ds)  # never modify the caller's dataset
     for keyword in missing:
         setattr(patched, keyword, "")
+    if respell and charset is None:
+        del patched.SpecificCharacterSet
+    elif respell:
+        patched.SpecificCharacterSet = charset
     return patched
+
+
+def _highdicom_character_set(value: Any) -> str | list[str] | None:
+    """The SpecificCharacterSet `value` spelled so that highdicom 0.28 takes it, same meaning: None
+    (absent: the default repertoire) for an empty value or "ISO_IR 6", and "ISO 2022 IR 6" for an empty
+    value 1 with code extensions (PS3.3 C.12.1.1.2; the usual Japanese "\\ISO 2022 IR 87"), both of
+    which highdicom refuses as written."""
+    if value is None:
+        return None
+    values = [value.strip()] if isinstance(value, str) else [str(v).strip() for v in value]
+    if not any(values) or values == ["ISO_IR 6"]:
+        return None
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"
+    return values[0] if len(values) == 1 else values
 
 
 def _has_value(ds: Dataset, keyword: str) -> bool:

@@ -51,6 +51,7 @@ from dicom_ai_node.infer.child import (
     handle_child_log,
     log_level,
 )
+from dicom_ai_node.infer.redact import redactor
 from dicom_ai_node.infer.registry import ModelRegistry, default_registry
 from dicom_ai_node.infer.runner import (
     ClosingHost,
@@ -151,6 +152,14 @@ class InferenceHost(ClosingHost):
             self._closed = True
             self._stop_child()
 
+    def interrupt(self) -> None:
+        """Shutdown (SIGTERM): refuse new requests and kill the child now, without waiting for the lock
+        that a running request holds; that request raises InferenceError at once (its job is released)."""
+        self._closed = True
+        process = self._process
+        if process is not None and process.pid is not None and process.exitcode is None:
+            _kill_process_group(process.pid)
+
     # -- parent side ---------------------------------------------------------------------------------
 
     def _build_registry(self) -> ModelRegistry:
@@ -203,6 +212,7 @@ class InferenceHost(ClosingHost):
     ) -> Reply:
         """Send one request and wait for its answer within the timeout, handling what goes wrong."""
         deadline = time.monotonic() + self.timeout_s
+        redact = redactor(request.header)
         try:
             try:
                 conn.send(("run", request))
@@ -213,7 +223,10 @@ class InferenceHost(ClosingHost):
                     message = conn.recv()
                     kind = message[0]
                     if kind == "log":
-                        handle_child_log(message[1])
+                        # A model (user code) may log the header it read: not its patient values.
+                        handle_child_log(
+                            {k: redact(v) if isinstance(v, str) else v for k, v in message[1].items()}
+                        )
                     elif message[1].token != request.token:
                         # Cannot happen while every failure kills the child; kept as a guard against
                         # pairing a request with another one's answer.

@@ -30,6 +30,11 @@ BUILTIN_MODELS_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
 
 def select_device(device: str = "auto") -> str:
     """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one falls back to 'cpu'."""
+    if device == "cpu":
+        # No torch import for that answer: a model without torch (ct-lung-classical, a site's own
+        # class) then loads in milliseconds, not the seconds importing torch takes, and its load does
+        # not eat into models.inference_timeout_s.
+        return "cpu"
     from dicom_ai_node.infer.torch_model import resolve_device  # deferred: imports torch
 
     return resolve_device(device)

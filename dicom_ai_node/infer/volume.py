@@ -13,7 +13,7 @@ spacing), in the patient LPS frame.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.pixels.utils import pixel_array
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_ai_node.errors import InferenceError, InvalidDicomError, SeriesGeometryError
 
@@ -32,9 +33,13 @@ _IOP_TOLERANCE = 1e-3
 _SPACING_TOLERANCE_MM = 1e-3
 # Positions closer than this along the normal are the same slice (a re-sent or duplicated instance).
 _DUPLICATE_POSITION_MM = 1e-3
-# Relative spread of slice gaps above which the series is not evenly spaced (missing slice, variable
-# spacing); the affine then uses the mean step, so we warn.
+# Relative spread of slice gaps above which we warn that the affine uses the mean step.
 _GAP_SPREAD_WARNING = 0.01
+# A slice step may differ from the series' median step by this much (the larger of the two) before the
+# series is not one regular grid (a missing slice, variable spacing): positions are written rounded,
+# some scanners to 0.1 mm, so the absolute part covers rounding; a missing slice doubles a step.
+_STEP_TOLERANCE_REL = 0.02
+_STEP_TOLERANCE_MM = 0.1
 # A guard against declared sizes that would not fit in memory (decompression bombs, corrupt headers).
 _MAX_VOXELS = 1 << 31
 
@@ -95,9 +100,11 @@ def load_series(paths: Sequence[Path]) -> Volume:
     """Read, check, sort and decode the single-frame instances of one series.
 
     Raises InvalidDicomError when a file is unreadable, the instances do not form one regular grid
-    (different series, matrix, orientation or pixel spacing), or pixel data is colour or multi-frame;
-    SeriesGeometryError (naming the attribute) when the geometry cannot be derived. Both come from
-    the headers alone, before any pixel data is decoded. An empty or absent SliceThickness /
+    (different series, matrix, orientation or pixel spacing; missing slices, uneven spacing, two
+    different images at one position), or pixel data is colour or multi-frame; SeriesGeometryError
+    (naming the attribute) when the geometry cannot be derived. Both come from the headers alone,
+    before any pixel data is decoded (only instances at one position are decoded first, to tell a
+    re-sent copy, which is dropped, from a second image). An empty or absent SliceThickness /
     SpacingBetweenSlices is no error: the slice step comes from the positions. MONOCHROME1 is
     inverted to MONOCHROME2 as (max - value) over the whole volume, after rescale, so that higher
     always means brighter for the models.
@@ -166,8 +173,14 @@ def _read_header(path: Path) -> _Header:
         raise InvalidDicomError(f"unreadable DICOM file {path.name}: {exc}") from exc
     series_uid = str(ds.get("SeriesInstanceUID", "<no SeriesInstanceUID>"))
     sop_uid = str(ds.get("SOPInstanceUID", "<no SOPInstanceUID>"))
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise InvalidDicomError(f"series {series_uid}: instance {sop_uid} is multi-frame: not supported yet")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        # Enhanced images keep their geometry in per-frame functional groups, which this loader does not read.
+        sop_class = UID(str(ds.get("SOPClassUID", "")))
+        raise InvalidDicomError(
+            f"series {series_uid}: instance {sop_uid} is multi-frame ({frames} frames, "
+            f"{sop_class.name or 'unknown SOP class'}): only single-frame series are supported yet"
+        )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise InvalidDicomError(
             f"series {series_uid}: instance {sop_uid} is colour: only grayscale supported"
@@ -253,21 +266,55 @@ def _projection_header(path: Path, ds: pydicom.Dataset, series_uid: str, sop_uid
 
 
 def _check_one_grid(headers: list[_Header]) -> None:
+    """All instances share one matrix, orientation and pixel spacing; otherwise the error says which
+    values occur and how often (a localizer or reformat mixed in shows as the odd one out)."""
     first = headers[0]
     series_uid = str(first.ds.get("SeriesInstanceUID", ""))
     for header in headers[1:]:
         other_uid = str(header.ds.get("SeriesInstanceUID", ""))
         if other_uid != series_uid:
             raise InvalidDicomError(f"series {series_uid}: instances of another series {other_uid} mixed in")
-        if (int(header.ds.Rows), int(header.ds.Columns)) != (int(first.ds.Rows), int(first.ds.Columns)):
-            raise InvalidDicomError(f"series {series_uid}: instances differ in Rows/Columns")
-        if not (
-            np.allclose(header.row_cosines, first.row_cosines, atol=_IOP_TOLERANCE)
-            and np.allclose(header.col_cosines, first.col_cosines, atol=_IOP_TOLERANCE)
-        ):
-            raise InvalidDicomError(f"series {series_uid}: instances differ in ImageOrientationPatient")
-        if not np.allclose(header.pixel_spacing, first.pixel_spacing, atol=_SPACING_TOLERANCE_MM):
-            raise InvalidDicomError(f"series {series_uid}: instances differ in PixelSpacing")
+    sizes = _groups(headers, lambda h: np.array([int(h.ds.Rows), int(h.ds.Columns)]), 0.0)
+    if len(sizes) > 1:
+        listed = _listed(sizes, lambda v: f"{int(v[0])}x{int(v[1])}")
+        raise InvalidDicomError(f"series {series_uid}: Rows/Columns differ: {listed}")
+    orientations = _groups(headers, lambda h: np.concatenate([h.row_cosines, h.col_cosines]), _IOP_TOLERANCE)
+    if len(orientations) > 1:
+        listed = _listed(orientations, lambda v: "[" + ", ".join(_number(x) for x in v) + "]")
+        raise InvalidDicomError(
+            f"series {series_uid} has {len(orientations)} orientations: ImageOrientationPatient {listed}"
+        )
+    spacings = _groups(headers, lambda h: np.array(h.pixel_spacing), _SPACING_TOLERANCE_MM)
+    if len(spacings) > 1:
+        listed = _listed(spacings, lambda v: "\\".join(_number(x) for x in v))
+        raise InvalidDicomError(f"series {series_uid}: PixelSpacing differs: {listed}")
+
+
+def _groups(
+    headers: list[_Header], value: Callable[[_Header], np.ndarray], tolerance: float
+) -> list[tuple[np.ndarray, int]]:
+    """Distinct values (within `tolerance`) in order of first appearance, with how many instances have each."""
+    groups: list[tuple[np.ndarray, int]] = []
+    for header in headers:
+        v = value(header)
+        for i, (seen, count) in enumerate(groups):
+            if np.allclose(v, seen, atol=tolerance):
+                groups[i] = (seen, count + 1)
+                break
+        else:
+            groups.append((v, 1))
+    return groups
+
+
+def _listed(groups: list[tuple[np.ndarray, int]], show: Callable[[np.ndarray], str]) -> str:
+    """'A (4 instances) and B (1 instance)'."""
+    parts = [f"{show(v)} ({n} instance{'s' if n != 1 else ''})" for v, n in groups]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _number(value: float) -> str:
+    # + 0.0 turns -0.0 into 0.0.
+    return f"{round(float(value), 4) + 0.0:g}"
 
 
 def _normal(header: _Header) -> np.ndarray:
@@ -290,20 +337,42 @@ def _sort_and_deduplicate(headers: list[_Header]) -> list[_Header]:
     kept = [ordered[0]]
     for header in ordered[1:]:
         if abs(float(normal @ (header.position - kept[-1].position))) < _DUPLICATE_POSITION_MM:
+            _check_same_image(kept[-1], header, float(normal @ header.position))
             log.warning(
-                "series %s: dropped instance %s at a duplicate position",
+                "series %s: dropped instance %s at a duplicate position (same image as %s)",
                 header.ds.get("SeriesInstanceUID", ""),
                 header.ds.get("SOPInstanceUID", ""),
+                kept[-1].ds.get("SOPInstanceUID", ""),
             )
             continue
         kept.append(header)
     return kept
 
 
+def _check_same_image(kept: _Header, duplicate: _Header, z: float) -> None:
+    """Two instances at one position may be one image sent twice under two SOP Instance UIDs (dropped),
+    or two images: phases, echoes or reconstructions in one series, which are not one volume; picking
+    either would be arbitrary, so that series is refused. Only duplicates are decoded for this."""
+    if np.array_equal(_decode_frame(kept), _decode_frame(duplicate)):
+        return
+    series_uid = str(kept.ds.get("SeriesInstanceUID", ""))
+    first, second = (str(h.ds.get("SOPInstanceUID", "")) for h in (kept, duplicate))
+    where = f"InstanceNumber {z:g} (radiographs without a position)" if kept.projection else f"z={z:.2f} mm"
+    raise InvalidDicomError(
+        f"series {series_uid}: duplicate slice position at {where}: instances {first} and {second} hold "
+        "different images (phases, echoes or reconstructions mixed in one series?)"
+    )
+
+
 def _decode_frame(header: _Header) -> np.ndarray:
     sop_uid = str(header.ds.get("SOPInstanceUID", ""))
     try:
-        stored = pixel_array(header.path)
+        if header.ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # pydicom 3.0's pixel_array(path) reads a deflated file without inflating it and finds no Pixel
+            # Data: read the whole data set (it is inflated in memory anyway).
+            stored = pixel_array(pydicom.dcmread(header.path))
+        else:
+            stored = pixel_array(header.path)
     except (
         OSError,
         ValueError,
@@ -331,6 +400,8 @@ def _affine_and_spacing(headers: list[_Header]) -> tuple[np.ndarray, tuple[float
         # The mean step vector (not normal * distance) keeps gantry-tilted series exact.
         step = (positions[-1] - positions[0]) / (len(headers) - 1)
         gaps = np.diff(positions @ normal)
+        if not first.projection:
+            _check_even_steps(str(first.ds.get("SeriesInstanceUID", "")), positions @ normal)
         dz = float(gaps.mean())
         if float(gaps.max() - gaps.min()) > _GAP_SPREAD_WARNING * dz:
             log.warning(
@@ -349,6 +420,44 @@ def _affine_and_spacing(headers: list[_Header]) -> tuple[np.ndarray, tuple[float
     affine[:3, 2] = step
     affine[:3, 3] = first.position
     return affine, (dz, row_spacing, col_spacing)
+
+
+def _check_even_steps(series_uid: str, z: np.ndarray) -> None:
+    """Sorted slice positions along the normal must be evenly spaced: one affine describes the volume.
+
+    A step that is a whole multiple of the usual one is a missing slice (an incomplete series: an
+    instance lost or still on its way); any other irregular step is uneven spacing (e.g. two stacks of
+    different thickness). Either way a model would see a distorted volume and volumes would be wrong, and
+    interpolating would invent anatomy: the series is refused, naming where.
+    """
+    steps = np.diff(z)
+    usual = float(np.median(steps))
+    tolerance = max(_STEP_TOLERANCE_REL * usual, _STEP_TOLERANCE_MM)
+    irregular = [i for i, step in enumerate(steps) if abs(float(step) - usual) > tolerance]
+    if not irregular:
+        return
+    multiples = [float(steps[i]) / usual for i in irregular]
+    first = irregular[0]
+    between = f"z={float(z[first]):.2f} and z={float(z[first + 1]):.2f} mm"
+    if all(
+        m > 1.5 and abs(float(steps[i]) - round(m) * usual) <= tolerance * round(m)
+        for i, m in zip(irregular, multiples, strict=True)
+    ):
+        missing = sum(round(m) - 1 for m in multiples)
+        where = (
+            f"between {between}"
+            if len(irregular) == 1
+            else f"in {len(irregular)} gaps, the first between {between}"
+        )
+        raise InvalidDicomError(
+            f"series {series_uid}: {missing} slice{'s' if missing != 1 else ''} missing {where} "
+            f"(step {usual:.2f} mm along the slice normal)"
+        )
+    raise InvalidDicomError(
+        f"series {series_uid}: uneven slice spacing: steps of {float(steps.min()):.2f} to "
+        f"{float(steps.max()):.2f} mm along the slice normal (usual step {usual:.2f} mm; the first "
+        f"irregular one between {between})"
+    )
 
 
 def _single_slice_thickness(header: _Header) -> float:

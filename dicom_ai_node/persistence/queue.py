@@ -313,6 +313,26 @@ class JobQueue:
                 raise LeaseLostError(job_id, worker_id)
         return status
 
+    def release(self, job_id: int, worker_id: str) -> bool:
+        """Give a running job back untouched (its worker is shutting down): QUEUED and runnable now, the
+        attempt it had taken returned, no worker. False when it no longer runs under `worker_id`."""
+        now = self._clock()
+        stmt = (
+            sa.update(jobs)
+            .where(*_owned(job_id, worker_id))
+            .values(
+                status=JobStatus.QUEUED.value,
+                attempts=sa.case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+                worker_id=None,
+                heartbeat_at=None,
+                started_at=None,
+                scheduled_at=now,
+                updated_at=now,
+            )
+        )
+        with self._engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
     def recover_stalled(self, lease_s: float) -> int:
         """Return running jobs whose heartbeat is older than `lease_s` to the queue; returns how many.
 

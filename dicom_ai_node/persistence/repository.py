@@ -8,7 +8,7 @@ PostgreSQL under READ COMMITTED and on SQLite under ``BEGIN IMMEDIATE``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -93,6 +93,13 @@ class SeriesRow:
     routed_at: datetime | None
     route_note: str
     header: dict[str, Any]
+    # The sender signalled the series complete as of this last_received_at (route/completion.py).
+    complete_signalled_at: datetime | None = None
+
+    @property
+    def complete_signalled(self) -> bool:
+        """The sender's completion signal still holds: no instance arrived after it."""
+        return self.complete_signalled_at is not None and self.complete_signalled_at == self.last_received_at
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,78 @@ class SeriesRepository:
         series left 'receiving' sets it back to 'receiving' with generation + 1 (a late instance).
         """
         now = now or self._clock()
+        upsert_series, insert_instance = self._record_statements(rec, now)
+        with self._engine.connect() as conn, conn.begin() as tx:
+            # Series first: the instance row references it, and on PostgreSQL the series row lock
+            # serialises concurrent instances of one series.
+            conn.execute(upsert_series)
+            if conn.execute(insert_instance).scalar_one_or_none() is None:
+                tx.rollback()  # duplicate SOP Instance UID: undo the series update too
+                return False
+        return True
+
+    def record_instances(self, recs: Sequence[InstanceRecord], now: datetime | None = None) -> list[bool]:
+        """Several received instances in one durable transaction (group commit: the native receive edge's
+        landing indexer, receive/landing.py); per record, whether it was new (as `record_instance`).
+
+        One series upsert per series (its instance count up by its new instances) and one insert for all
+        the new instances; an instance stored already (or twice in `recs`) changes nothing. Should another
+        process store one of them meanwhile (PostgreSQL, several receivers), the whole batch is redone
+        one savepoint per instance.
+        """
+        now = now or self._clock()
+        with self._engine.connect() as conn, conn.begin() as tx:
+            uids = [rec.sop_instance_uid for rec in recs]
+            stored = set(
+                conn.execute(
+                    sa.select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid.in_(uids))
+                ).scalars()
+            )
+            added: list[bool] = []
+            by_series: dict[str, list[InstanceRecord]] = {}
+            for rec in recs:
+                is_new = rec.sop_instance_uid not in stored
+                stored.add(rec.sop_instance_uid)
+                added.append(is_new)
+                if is_new:
+                    by_series.setdefault(rec.series_instance_uid, []).append(rec)
+            new = [rec for group in by_series.values() for rec in group]
+            if not new:
+                return added
+            for group in by_series.values():
+                upsert_series, _ = self._record_statements(group[0], now, count=len(group))
+                conn.execute(upsert_series)
+            # executemany: one statement, compiled once (SQLAlchemy's "insertmanyvalues" batches the rows).
+            insert = (
+                insert_for(self._engine, instances)
+                .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
+                .returning(instances.c.sop_instance_uid)
+            )
+            inserted = conn.execute(insert, [_instance_values(rec, now) for rec in new]).scalars().all()
+            if len(inserted) == len(new):
+                return added
+            tx.rollback()
+        return self._record_each(recs, now)
+
+    def _record_each(self, recs: Sequence[InstanceRecord], now: datetime) -> list[bool]:
+        """`record_instances` one savepoint per instance (a duplicate rolls back its own series update)."""
+        added: list[bool] = []
+        with self._engine.connect() as conn, conn.begin():
+            for rec in recs:
+                upsert_series, insert_instance = self._record_statements(rec, now)
+                savepoint = conn.begin_nested()
+                conn.execute(upsert_series)
+                is_new = conn.execute(insert_instance).scalar_one_or_none() is not None
+                if is_new:
+                    savepoint.commit()
+                else:
+                    savepoint.rollback()
+                added.append(is_new)
+        return added
+
+    def _record_statements(self, rec: InstanceRecord, now: datetime, count: int = 1) -> tuple[Any, Any]:
+        """The series upsert (for `count` new instances of its series) and the instance insert (returning
+        its id, none for a duplicate) of `rec`."""
         new_series = insert_for(self._engine, series).values(
             series_instance_uid=rec.series_instance_uid,
             study_instance_uid=rec.study_instance_uid,
@@ -134,7 +213,7 @@ class SeriesRepository:
             series_description=rec.series_description,
             sop_class_uid=rec.sop_class_uid,
             calling_ae=rec.calling_ae,
-            instance_count=1,
+            instance_count=count,
             first_received_at=now,
             last_received_at=now,
             status=SeriesStatus.RECEIVING.value,
@@ -146,7 +225,7 @@ class SeriesRepository:
         upsert_series = new_series.on_conflict_do_update(
             index_elements=[series.c.series_instance_uid],
             set_={
-                "instance_count": series.c.instance_count + 1,
+                "instance_count": series.c.instance_count + count,
                 "last_received_at": new_series.excluded.last_received_at,
                 "generation": sa.case(
                     (series.c.status == SeriesStatus.RECEIVING.value, series.c.generation),
@@ -158,28 +237,11 @@ class SeriesRepository:
         )
         insert_instance = (
             insert_for(self._engine, instances)
-            .values(
-                sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid,
-                series_instance_uid=rec.series_instance_uid,
-                study_instance_uid=rec.study_instance_uid,
-                transfer_syntax_uid=rec.transfer_syntax_uid,
-                spool_path=rec.spool_path,
-                size_bytes=rec.size_bytes,
-                calling_ae=rec.calling_ae,
-                received_at=now,
-            )
+            .values(**_instance_values(rec, now))
             .on_conflict_do_nothing(index_elements=[instances.c.sop_instance_uid])
             .returning(instances.c.id)
         )
-        with self._engine.connect() as conn, conn.begin() as tx:
-            # Series first: the instance row references it, and on PostgreSQL the series row lock
-            # serialises concurrent instances of one series.
-            conn.execute(upsert_series)
-            if conn.execute(insert_instance).scalar_one_or_none() is None:
-                tx.rollback()  # duplicate SOP Instance UID: undo the series update too
-                return False
-        return True
+        return upsert_series, insert_instance
 
     # -- completion sweep --------------------------------------------------------------------------
 
@@ -190,6 +252,42 @@ class SeriesRepository:
             .where(
                 series.c.status == SeriesStatus.RECEIVING.value,
                 series.c.last_received_at <= older_than,
+            )
+            .order_by(series.c.last_received_at, series.c.series_instance_uid)
+            .limit(limit)
+        )
+        return self._series_rows(stmt)
+
+    def signal_series_complete(self, series_instance_uids: list[str]) -> int:
+        """The sender says these series are complete as they are now (it released the association that
+        carried them): record it, durably, for the completion sweep of any node process. Returns how many
+        series it applies to (those still receiving or being routed).
+
+        The signal is the series' current last_received_at, copied in one statement: an instance arriving
+        later moves last_received_at on, which voids the signal without touching this column again.
+        """
+        count = 0
+        with self._engine.begin() as conn:
+            for start in range(0, len(series_instance_uids), 500):
+                stmt = (
+                    sa.update(series)
+                    .where(
+                        series.c.series_instance_uid.in_(series_instance_uids[start : start + 500]),
+                        series.c.status.in_([SeriesStatus.RECEIVING.value, SeriesStatus.ROUTING.value]),
+                    )
+                    .values(complete_signalled_at=series.c.last_received_at)
+                )
+                count += conn.execute(stmt).rowcount
+        return count
+
+    def signalled_series(self, limit: int = 100) -> list[SeriesRow]:
+        """Series still 'receiving' whose sender's completion signal holds (no instance since), oldest
+        first: due for routing now, whatever their quiet period."""
+        stmt = (
+            sa.select(series)
+            .where(
+                series.c.status == SeriesStatus.RECEIVING.value,
+                series.c.complete_signalled_at == series.c.last_received_at,
             )
             .order_by(series.c.last_received_at, series.c.series_instance_uid)
             .limit(limit)
@@ -358,6 +456,17 @@ class SeriesRepository:
         with self._engine.connect() as conn:
             return [InstanceRow(**row) for row in conn.execute(stmt).mappings()]
 
+    def instance_spool_paths(self) -> set[str]:
+        """The spool path of every instance row (for the orphan sweep at start, Spool.remove_orphans)."""
+        with self._engine.connect() as conn:
+            return set(conn.execute(sa.select(instances.c.spool_path)).scalars())
+
+    def has_instance_file(self, spool_path: str) -> bool:
+        """Whether an instance row names this spool path now."""
+        stmt = sa.select(instances.c.id).where(instances.c.spool_path == spool_path).limit(1)
+        with self._engine.connect() as conn:
+            return conn.execute(stmt).first() is not None
+
     # -- results -----------------------------------------------------------------------------------
 
     def add_result(
@@ -417,6 +526,20 @@ class SeriesRepository:
         with self._engine.connect() as conn:
             rows = conn.execute(stmt.order_by(results.c.id)).mappings()
             return [ResultRow(**row) for row in rows]
+
+
+def _instance_values(rec: InstanceRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": rec.sop_instance_uid,
+        "sop_class_uid": rec.sop_class_uid,
+        "series_instance_uid": rec.series_instance_uid,
+        "study_instance_uid": rec.study_instance_uid,
+        "transfer_syntax_uid": rec.transfer_syntax_uid,
+        "spool_path": rec.spool_path,
+        "size_bytes": rec.size_bytes,
+        "calling_ae": rec.calling_ae,
+        "received_at": now,
+    }
 
 
 def _series_filter(status: SeriesStatus | str | None, modality: str | None) -> list[sa.ColumnElement[bool]]:

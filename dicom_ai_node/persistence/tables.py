@@ -74,6 +74,10 @@ series = sa.Table(
     sa.Column("route_note", sa.String(512), nullable=False, server_default=""),
     # JSON object of the few non-PHI header attributes rules match on (SliceThickness, Rows, ...).
     sa.Column("header_json", sa.Text, nullable=False, server_default="{}"),
+    # The sender said the series is complete (it released the association that carried it): the
+    # last_received_at it was complete at. Equal to last_received_at: route now, without the quiet
+    # period; any later instance moves last_received_at on, and the signal no longer holds.
+    sa.Column("complete_signalled_at", UtcDateTime, nullable=True),
     sa.Index("ix_series_status_last_received_at", "status", "last_received_at"),
 )
 

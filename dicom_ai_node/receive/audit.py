@@ -172,7 +172,8 @@ class SecurityAlerts:
             alert.last_at = now
             alert.reasons[reason] += 1
             for seen, title in ((alert.calling_aes, calling_ae), (alert.called_aes, called_ae)):
-                if len(seen) < _MAX_AE_TITLES:
+                # Refusals before any A-ASSOCIATE-RQ (limits, deadlines, TLS) have no AE titles.
+                if title and len(seen) < _MAX_AE_TITLES:
                     seen.setdefault(title, None)
 
     def flush(self, *, all_open: bool = False) -> int:
@@ -193,13 +194,13 @@ class SecurityAlerts:
     def _write(self, address: str, alert: _Alert) -> None:
         calling = list(alert.calling_aes)
         self._audit.record_quietly(
-            actor=calling[0] if len(calling) == 1 else ",".join(calling),
+            actor=",".join(calling) or "(no AE title)",
             source=address,
             action=ACTION_SECURITY_ALERT,
             target=",".join(alert.called_aes),
             outcome="denied",
             detail={
-                "alert": "association refused",
+                "alert": "DICOM peer refused",
                 "count": alert.count,
                 "reasons": dict(alert.reasons),
                 "calling_aes": calling,

@@ -92,6 +92,9 @@ class ConnectionGuard:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _open: dict[Hashable, _Connection] = field(default_factory=dict)
     _log: RateLimitedLog | None = None
+    # Called with (peer IP, calling AE title or "", reason) for every connection refused or closed
+    # here, for the audit's coalesced security alerts (receive/audit.py); it must only touch memory.
+    on_refused: Callable[[str, str, str], None] | None = None
 
     def __post_init__(self) -> None:
         self._log = RateLimitedLog(log, self.limits.log_interval_s, self.clock)
@@ -109,6 +112,9 @@ class ConnectionGuard:
             if total < self.limits.max_associations and from_ip < self.limits.max_associations_per_ip:
                 self._open[key] = _Connection(ip, self.clock())
                 return True
+        if self.on_refused is not None:
+            per_ip = from_ip >= self.limits.max_associations_per_ip
+            self.on_refused(ip, "", "connection limit per address" if per_ip else "connection limit in total")
         if from_ip >= self.limits.max_associations_per_ip:
             self.refused(
                 ip,
@@ -196,4 +202,6 @@ class ConnectionGuard:
                 expired.append(Expired(key, conn.ip, reason))
         for item in expired:
             self.refused(item.ip, "DICOM connection from %s closed: %s", item.ip, item.reason)
+            if self.on_refused is not None:
+                self.on_refused(item.ip, "", item.reason)
         return expired

@@ -32,11 +32,17 @@ from dicom_ai_node.domain.rules import MATCHABLE_ATTRIBUTES
 from dicom_ai_node.errors import InvalidDicomError
 
 # Header attributes kept per series: what rules can match on (minus the node facts CallingAETitle,
-# NumberOfInstances and the SOPClassUID stored in its own column), plus expected-count hints and the
-# series number. None of them is PHI.
+# NumberOfInstances and the SOPClassUID stored in its own column), plus expected-count hints
+# (route/completion.py: expected_instance_count) and the series number. None of them is PHI.
 ROUTING_KEYWORDS: tuple[str, ...] = (
     *(k for k in MATCHABLE_ATTRIBUTES if k not in ("CallingAETitle", "NumberOfInstances", "SOPClassUID")),
     "ImagesInAcquisition",
+    "NumberOfTemporalPositions",
+    "SeriesType",
+    "NumberOfSlices",
+    "NumberOfTimeSlices",
+    "NumberOfTimeSlots",
+    "NumberOfRRIntervals",
     "NumberOfFrames",
     "SeriesNumber",
 )
@@ -99,6 +105,9 @@ class Header:
     media_storage_sop_class_uid: str
     media_storage_sop_instance_uid: str
     pixel_data: PixelDataElement | None
+    # File Meta (0002,0016): the calling AE title a receiver wrote there (the native edge does; the
+    # landing indexer records it as the instance's calling AE, receive/landing.py).
+    source_application_entity_title: str = ""
 
 
 def _plain(value: Any) -> Any:
@@ -194,7 +203,12 @@ def read_header(path: Path) -> Header:
             # one raises here (found by fuzzing: an unknown VR in (0002,0002)).
             meta = {
                 k: str(ds.file_meta.get(k, "") or "").strip()
-                for k in ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
+                for k in (
+                    "TransferSyntaxUID",
+                    "MediaStorageSOPClassUID",
+                    "MediaStorageSOPInstanceUID",
+                    "SourceApplicationEntityTitle",
+                )
             }
             uids = {k: str(ds.get(k, "") or "").strip() for k in UID_KEYWORDS}
             attrs = {k: _plain(ds.get(k)) for k in ROUTING_KEYWORDS if ds.get(k) not in (None, "")}
@@ -216,4 +230,5 @@ def read_header(path: Path) -> Header:
         media_storage_sop_class_uid=meta["MediaStorageSOPClassUID"],
         media_storage_sop_instance_uid=meta["MediaStorageSOPInstanceUID"],
         pixel_data=found[0] if found else None,
+        source_application_entity_title=meta["SourceApplicationEntityTitle"],
     )

@@ -53,10 +53,12 @@ from dicom_ai_node.store.spool import Spool
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Refused",
     "StoreRequest",
     "calling_label",
     "check_instance",
     "ingest_file",
+    "instance_record",
     "stow_failure_reason",
     "stow_ingest",
 ]
@@ -83,6 +85,10 @@ class _Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+# What `check_instance` raises (its status and reason), for callers outside this module.
+Refused = _Refused
 
 
 def _failed(
@@ -114,18 +120,25 @@ def ingest_file(
     otherwise.
     """
     try:
-        return _ingest(
-            tmp_path,
-            calling=calling,
-            peer=peer or calling,
-            spool=spool,
-            repo=repo,
-            reserve_bytes=reserve_bytes,
-            sop_classes=sop_classes,
-            transfer_syntaxes=transfer_syntaxes,
-            expected_study=expected_study,
-            request=request,
-        )
+        # Locked until its row is committed or it is removed: the orphan sweep at start
+        # (Spool.remove_orphans) then tells a live writer's file from one a killed process left behind.
+        with spool.held(tmp_path) as local:
+            return _ingest(
+                local,
+                calling=calling,
+                peer=peer or calling,
+                spool=spool,
+                repo=repo,
+                reserve_bytes=reserve_bytes,
+                sop_classes=sop_classes,
+                transfer_syntaxes=transfer_syntaxes,
+                expected_study=expected_study,
+                request=request,
+            )
+    except StorageError as exc:
+        announced = request.affected_sop_instance_uid if request is not None else ""
+        log.error("cannot spool SOP %s from %s: %s", announced or "?", peer or calling, exc)
+        return _failed(STATUS_OUT_OF_RESOURCES, "cannot write to the spool", sop_instance=announced)
     finally:
         # Moved into the spool when stored; anything left is a refused instance (never acknowledged).
         tmp_path.unlink(missing_ok=True)
@@ -169,21 +182,7 @@ def _ingest(
     except StorageError as exc:
         log.error("cannot spool SOP %s from %s: %s", sop_instance, peer, exc)
         return _failed(STATUS_OUT_OF_RESOURCES, "cannot write to the spool", sop_class, sop_instance, study)
-    attrs = header.attrs
-    record = InstanceRecord(
-        sop_instance_uid=sop_instance,
-        sop_class_uid=sop_class,
-        series_instance_uid=uids["SeriesInstanceUID"],
-        study_instance_uid=study,
-        transfer_syntax_uid=header.transfer_syntax_uid,
-        spool_path=spool_path,
-        size_bytes=size,
-        calling_ae=calling,
-        modality=str(attrs.get("Modality", "")),
-        body_part_examined=str(attrs.get("BodyPartExamined", "")),
-        series_description=str(attrs.get("SeriesDescription", "")),
-        header=attrs,
-    )
+    record = instance_record(header, spool_path, size, calling)
     try:
         is_new = repo.record_instance(record)
     except DatabaseError as exc:
@@ -203,6 +202,27 @@ def _ingest(
         duplicate=not is_new,
         study_instance_uid=study,
         size_bytes=size,
+        series_instance_uid=uids["SeriesInstanceUID"],
+    )
+
+
+def instance_record(header: Header, spool_path: str, size_bytes: int, calling: str) -> InstanceRecord:
+    """The database row of a stored instance whose header passed `check_instance` (both receive edges:
+    here, and the native edge's landing indexer, receive/landing.py)."""
+    uids, attrs = header.uids, header.attrs
+    return InstanceRecord(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        transfer_syntax_uid=header.transfer_syntax_uid,
+        spool_path=spool_path,
+        size_bytes=size_bytes,
+        calling_ae=calling,
+        modality=str(attrs.get("Modality", "")),
+        body_part_examined=str(attrs.get("BodyPartExamined", "")),
+        series_description=str(attrs.get("SeriesDescription", "")),
+        header=attrs,
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from dicom_ai_node.receive.audit import SecurityAlerts, TransferAudit
 from dicom_ai_node.receive.chunked import receive_into
 from dicom_ai_node.receive.guard import ConnectionGuard, ConnectionLimits
 from dicom_ai_node.receive.ingest import StoreRequest, ingest_file
-from dicom_ai_node.receive.server import NodeAssociationServer
+from dicom_ai_node.receive.release import ReleaseSignals
+from dicom_ai_node.receive.server import NodeAssociationServer, _wake_acceptor
 from dicom_ai_node.receive.tls import peer_certificate
 from dicom_ai_node.store.spool import Spool
 
@@ -55,6 +58,8 @@ class StoreContext:
     metrics: NodeMetrics | None = None
     # One audit event per association (receive/audit.py); None: not audited.
     transfers: TransferAudit | None = None
+    # Series complete on A-RELEASE from peers with `series_complete_on_release` (receive/release.py).
+    release: ReleaseSignals | None = None
 
 
 def handle_requested(
@@ -132,7 +137,19 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         ctx.metrics.observe_store(result.status, result.size_bytes)
     if ctx.transfers is not None:
         ctx.transfers.stored(event.assoc, result)
+    if ctx.release is not None:
+        ctx.release.stored(event.assoc, str(event.assoc.requestor.ae_title).strip(), result)
     return result.status
+
+
+def handle_release_signal(event: Event, signals: ReleaseSignals) -> None:
+    """EVT_RELEASED (after the A-RELEASE-RP went out): the association's series are complete."""
+    signals.released(event.assoc)
+
+
+def handle_abort_signal(event: Event, signals: ReleaseSignals) -> None:
+    """EVT_ABORTED: an aborted association signals nothing; its series wait for their quiet period."""
+    signals.dropped(event.assoc)
 
 
 def handle_association_end(event: Event, transfers: TransferAudit, ending: str) -> None:
@@ -197,8 +214,20 @@ def _tls_context(tls: DicomTlsSettings) -> ssl.SSLContext:
         raise ConfigError("dicom.tls", f"cannot load the certificate, key or CA: {exc}") from exc
 
 
+def _refusal_alert(alerts: SecurityAlerts | None) -> Callable[[str, str, str], None] | None:
+    """Refusals by the listener: connections refused before any A-ASSOCIATE-RQ (limits, deadlines, TLS)
+    carry no AE titles; the per-AE limit names the calling AE."""
+    if alerts is None:
+        return None
+    return lambda ip, calling_ae, reason: alerts.note(ip, calling_ae, "", reason)
+
+
 def _start_server(
-    ae: AE, address: tuple[str, int], handlers: list[Any], dicom: DicomSettings
+    ae: AE,
+    address: tuple[str, int],
+    handlers: list[Any],
+    dicom: DicomSettings,
+    alerts: SecurityAlerts | None = None,
 ) -> NodeAssociationServer:
     """As `AE.start_server(block=False)`, on the node's listener (receive/server.py): connection limits
     and deadlines, and over TLS the handshake off the accept loop."""
@@ -215,7 +244,7 @@ def _start_server(
         ssl_context=_tls_context(tls) if tls is not None else None,
         evt_handlers=handlers,
         server_class=NodeAssociationServer,
-        guard=ConnectionGuard(limits),
+        guard=ConnectionGuard(limits, on_refused=_refusal_alert(alerts)),
         handshake_timeout_s=tls.handshake_timeout_s if tls is not None else 10,
     )
     assert isinstance(server, NodeAssociationServer)
@@ -223,6 +252,18 @@ def _start_server(
     thread.start()
     ae._servers.append(server)  # as start_server does: AE.shutdown() stops it, server.shutdown() removes it
     return server
+
+
+def _release_signals(
+    dicom: DicomSettings, repo: SeriesRepository, on_signalled: Callable[[], None] | None
+) -> ReleaseSignals | None:
+    """The release signal for the AE titles whose every allow-list entry sets `series_complete_on_release`
+    (entries that disagree: no signal, the quiet period is the safe side); None when no peer has it."""
+    titles: dict[str, bool] = {}
+    for peer in dicom.allowed_peers:
+        titles[peer.ae_title] = titles.get(peer.ae_title, True) and peer.series_complete_on_release
+    signalling = sorted(title for title, on in titles.items() if on)
+    return ReleaseSignals(repo, signalling, on_signalled) if signalling else None
 
 
 class StorageSCP:
@@ -235,13 +276,19 @@ class StorageSCP:
         repo: SeriesRepository,
         metrics: NodeMetrics | None = None,
         audit: AuditLog | None = None,
+        on_series_complete: Callable[[], None] | None = None,
     ) -> None:
+        """`on_series_complete`: called (on the association's thread) after a release signalled series
+        complete, to run the completion sweep now instead of at its next interval."""
         self.settings = settings
         # With `audit`: one "dicom.instances_transferred" event per association and coalesced
         # "security.alert" events for refused ones (receive/audit.py).
         self.transfers = TransferAudit(audit) if audit is not None else None
         self.alerts = SecurityAlerts(audit) if audit is not None else None
-        self.ctx = StoreContext(spool, repo, settings.disk_reserve_mb * 1024 * 1024, metrics, self.transfers)
+        self.release = _release_signals(settings.dicom, repo, on_series_complete)
+        self.ctx = StoreContext(
+            spool, repo, settings.disk_reserve_mb * 1024 * 1024, metrics, self.transfers, self.release
+        )
         self.allow_list = PeerAllowList(settings.dicom.allowed_peers, settings.dicom.allow_any_peer)
         # The called AE title must be ours (A-ASSOCIATE-RJ reason 7 otherwise) unless the admin lets any
         # through for a PACS that sends a wrong one.
@@ -267,11 +314,16 @@ class StorageSCP:
                 (evt.EVT_ABORTED, handle_association_end, [self.transfers, "aborted"]),
                 (evt.EVT_CONN_CLOSE, handle_association_end, [self.transfers, "closed"]),
             ]
+        if self.release is not None:
+            handlers += [
+                (evt.EVT_RELEASED, handle_release_signal, [self.release]),
+                (evt.EVT_ABORTED, handle_abort_signal, [self.release]),
+            ]
         if self.alerts is not None:
             self.alerts.start()
         address = (self.settings.dicom.bind, self.settings.dicom.port)
         tls = self.settings.dicom.tls
-        self._server = _start_server(self.ae, address, handlers, self.settings.dicom)
+        self._server = _start_server(self.ae, address, handlers, self.settings.dicom, self.alerts)
         log.info(
             "DICOM SCP %s listening on %s:%d%s",
             self.settings.ae_title,
@@ -283,9 +335,53 @@ class StorageSCP:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+    def stop(self, grace_s: float = 0) -> None:
+        """Close the listener at once (new associations are refused: nothing listens on the port), let the
+        associations in flight go on for up to `grace_s` seconds, then end the rest with an A-ABORT.
+
+        Returns only when every association thread has ended (within bounds), so the C-STORE one may be
+        storing when it is aborted finishes first: its instance is then stored but not acknowledged (the
+        sender sends it again; duplicates are kept once), never left between its spool file and its row.
+        """
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            _drain(list(server.active_associations), grace_s)
         if self.alerts is not None:
             self.alerts.stop()  # writes the refusals of the still-open window
+
+
+# After an A-ABORT, how long to wait for the peer to close the connection (pynetdicom's ARTIM timer; then
+# the connection is closed anyway) and for the association's current C-STORE to finish.
+_ABORT_WAIT_S = 5.0
+
+
+def _drain(assocs: list[Any], grace_s: float) -> None:
+    """Wait up to `grace_s` for `assocs` (acceptor threads) to end by themselves, then abort the rest."""
+    deadline = time.monotonic() + grace_s
+    for assoc in assocs:
+        assoc.join(max(0.0, deadline - time.monotonic()))
+    still_open = [assoc for assoc in assocs if assoc.is_alive()]
+    if not still_open:
+        return
+    log.warning("shutdown: aborting %d association(s) still open after %g s", len(still_open), grace_s)
+
+    def abort(assoc: Any) -> None:
+        assoc.acse_timeout = _ABORT_WAIT_S  # the ARTIM timer: a peer that never closes cannot hold us
+        assoc.abort()
+        # One still waiting for its A-ASSOCIATE-RQ (the listener's watchdog, which would wake it, has
+        # stopped) ends now, not after the ACSE timeout.
+        _wake_acceptor(assoc)
+
+    # In parallel: each abort waits for its peer to close the connection.
+    aborts = [
+        threading.Thread(target=abort, args=(a,), name="DicomShutdownAbort", daemon=True) for a in still_open
+    ]
+    for thread in aborts:
+        thread.start()
+    deadline = time.monotonic() + 2 * _ABORT_WAIT_S
+    for thread in [*aborts, *still_open]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = sum(1 for assoc in still_open if assoc.is_alive())
+    if left:
+        log.error("shutdown: %d aborted association(s) did not end within %g s", left, 2 * _ABORT_WAIT_S)

@@ -77,11 +77,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 request.do_handshake()
             except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset: the peer is refused
                 # Only the address and OpenSSL's reason: no certificate content reaches the log.
-                log.warning(
-                    "DICOM TLS handshake with %s refused: %s",
-                    client_address[0],
-                    handshake_failure_reason(exc),
-                )
+                reason = handshake_failure_reason(exc)
+                log.warning("DICOM TLS handshake with %s refused: %s", client_address[0], reason)
+                if self.guard.on_refused is not None:
+                    self.guard.on_refused(str(client_address[0]), "", f"TLS handshake: {reason}")
                 self.shutdown_request(request)
                 return
             request.settimeout(timeout)
@@ -127,6 +126,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
         calling_ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         if self.guard.claim_calling_ae(request, calling_ae):
             return
+        if self.guard.on_refused is not None:
+            self.guard.on_refused(
+                str(assoc.requestor.address), calling_ae, "association limit per calling AE"
+            )
         try:
             assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
         finally:

@@ -172,20 +172,39 @@ def store_key_images(ctx: StageContext, inputs: ResultInputs) -> StoredResult:
 def _store(
     ctx: StageContext, origin: ResultOrigin, objects: Sequence[tuple[ResultKind, Dataset]]
 ) -> StoredResult:
-    """Write result objects to the spool and record them (idempotent on SOP Instance UID)."""
+    """Write result objects to the spool and record them (idempotent on SOP Instance UID).
+
+    An object stored before under the same deterministic UID (the job was retried after a crash, a lost
+    lease or a database outage, or re-run by an admin) replaces that file in place: no earlier copy is
+    left behind that no row names, and deliveries an earlier attempt queued send the same file.
+    """
     stored = StoredResult()
+    earlier = {
+        r.sop_instance_uid: r.spool_path for r in ctx.repo.results_of_series(origin.series_instance_uid)
+    }
     for kind, ds in objects:
-        rel = ctx.spool.write_dataset(ds, RESULTS)
-        ctx.repo.add_result(
-            job_id=origin.job_id,
-            source_series_instance_uid=origin.series_instance_uid,
-            kind=kind,
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID),
-            spool_path=rel,
-        )
+        rel = earlier.get(str(ds.SOPInstanceUID))
+        written = rel is None or not ctx.spool.path(rel).is_file()
+        if rel is not None and not written:
+            ctx.spool.replace_dataset(rel, ds)
+        else:
+            rel = ctx.spool.write_dataset(ds, RESULTS)
+        try:
+            ctx.repo.add_result(
+                job_id=origin.job_id,
+                source_series_instance_uid=origin.series_instance_uid,
+                kind=kind,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                study_instance_uid=str(ds.StudyInstanceUID),
+                spool_path=rel,
+            )
+        except BaseException:
+            if written:
+                # Named by no row (e.g. the database went down): the retry writes it again.
+                ctx.spool.remove(rel)
+            raise
         stored.files.append(rel)
         stored.sop_instance_uids.append(str(ds.SOPInstanceUID))
     return stored

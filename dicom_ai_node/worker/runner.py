@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from typing import Any, Generic, TypeVar
 
 from dicom_ai_node.domain.jobs import JobKind, JobStatus
 from dicom_ai_node.domain.payloads import BasePayload, parse_as
-from dicom_ai_node.errors import PermanentError, TransientError
+from dicom_ai_node.errors import DatabaseError, PermanentError, TransientError
 from dicom_ai_node.metrics import NodeMetrics
 from dicom_ai_node.persistence.queue import Job, JobQueue, LeaseLostError
+from dicom_ai_node.worker.outage import DatabaseOutage
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class _Heartbeat(threading.Thread):
                     self.lease_lost = True
                     log.warning("job %d: lease lost; its result will not be committed", self.job.id)
                     return
+            except DatabaseError as exc:  # down or restarting: the next beat retries
+                log.warning("job %d: heartbeat failed: %s", self.job.id, exc)
             except Exception:  # noqa: BLE001 - a DB hiccup must not kill the heartbeat; next beat retries
                 log.warning("job %d: heartbeat failed", self.job.id, exc_info=True)
 
@@ -93,23 +97,30 @@ class Worker:
         self.poll_interval_s = poll_interval_s
         self.worker_id = worker_id or new_worker_id("+".join(k.value for k in self.kinds))
         self.metrics = metrics
+        self._current: Job | None = None  # the job run_one is running (for release_current)
 
-    def run_one(self) -> Job | None:
-        """Claim and run at most one job; return it (None when nothing was runnable)."""
+    def run_one(self, stop: threading.Event | None = None) -> Job | None:
+        """Claim and run at most one job; return it (None when nothing was runnable).
+
+        A job that fails once `stop` is set was interrupted by the shutdown (the inference process is
+        killed then): it is released back to the queue, not failed, and runs again after the restart.
+        """
         job = self.queue.claim(self.worker_id, self.kinds, self.lease_s)
         if job is None:
             return None
+        self._current = job
         beat = _Heartbeat(self.queue, job, self.worker_id, self.heartbeat_s)
         beat.start()
         try:
             result = self.handlers[job.kind](job)
-        except PermanentError as exc:
-            self._fail(job, exc, permanent=True)
-        except TransientError as exc:
-            self._fail(job, exc, permanent=False)
-        except Exception as exc:  # noqa: BLE001 - an unexpected bug: retry with backoff, then dead letter
-            log.exception("job %d (%s) crashed", job.id, job.kind.value)
-            self._fail(job, exc, permanent=False)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if stop is not None and stop.is_set():
+                self._release(job, f"{type(exc).__name__}: {exc}")
+            elif isinstance(exc, PermanentError | TransientError):
+                self._fail(job, exc, permanent=isinstance(exc, PermanentError))
+            else:  # an unexpected bug: retry with backoff, then dead letter
+                log.exception("job %d (%s) crashed", job.id, job.kind.value)
+                self._fail(job, exc, permanent=False)
         else:
             if not beat.lease_lost:
                 try:
@@ -120,9 +131,33 @@ class Worker:
                 else:
                     self._finished(job, JobStatus.SUCCEEDED)
         finally:
+            self._current = None
             beat.stop_event.set()
             beat.join()
         return job
+
+    def release_current(self) -> None:
+        """Shutdown, from another thread: release the job this worker is still running (its thread did
+        not end in time); if that thread finishes it later, its result is not committed (lease lost)."""
+        job = self._current
+        if job is not None:
+            self._release(job, "still running at shutdown")
+
+    def _release(self, job: Job, why: str) -> None:
+        try:
+            released = self.queue.release(job.id, self.worker_id)
+        except Exception:  # noqa: BLE001 - e.g. the database is gone too: recover_stalled re-queues it later
+            log.warning(
+                "job %d could not be released at shutdown; its lease will expire", job.id, exc_info=True
+            )
+            return
+        if released:
+            log.info(
+                "job %d (%s) released at shutdown (%s); it runs again after the restart",
+                job.id,
+                job.kind.value,
+                why,
+            )
 
     def _fail(self, job: Job, exc: BaseException, *, permanent: bool) -> None:
         message = f"{type(exc).__name__}: {exc}"
@@ -153,12 +188,21 @@ class Worker:
 
     def run_forever(self, stop: threading.Event) -> None:
         log.info("worker %s started for %s", self.worker_id, [k.value for k in self.kinds])
+        outage = DatabaseOutage(f"worker {self.worker_id}", log, base_s=self.poll_interval_s)
         while not stop.is_set():
+            tried_at = time.monotonic()
             try:
-                job = self.run_one()
-            except Exception:  # noqa: BLE001 - DB unreachable etc.: keep the worker alive, back off
+                job = self.run_one(stop)
+            except DatabaseError as exc:
+                # Down or restarting: one line per outage, polls spaced out; a job it interrupted is
+                # re-queued by recover_stalled once its lease expires.
+                stop.wait(outage.failed(exc))
+                continue
+            except Exception:  # noqa: BLE001 - a bug in the loop itself: keep the worker alive, back off
                 log.exception("worker %s: claim loop error", self.worker_id)
                 job = None
+            else:
+                outage.cleared(tried_at)
             if job is None:
                 stop.wait(self.poll_interval_s)
         log.info("worker %s stopped", self.worker_id)

@@ -36,6 +36,7 @@ from dicom_ai_node.errors import (
     QueryNotSupportedError,
     TransientDeliveryError,
 )
+from dicom_ai_node.infer.redact import scrub_exception
 from dicom_ai_node.infer.runner import InferenceResult
 from dicom_ai_node.infer.volume import Volume, load_series, voxel_volume_mm3
 from dicom_ai_node.metrics import NodeMetrics
@@ -83,7 +84,7 @@ def run_infer(job: Job, payload: InferPayload, ctx: StageContext) -> dict[str, A
 
     t = time.perf_counter()
     # The model runs in the inference host's child process (warm between jobs, killed at the timeout).
-    result = ctx.inference.run(payload.model, volume)
+    result = _run_model(ctx, payload.model, volume)
     timings["infer_s"] = time.perf_counter() - t
     _observe_stage(ctx, "infer", payload.model, timings["infer_s"])
 
@@ -144,6 +145,16 @@ def _load_volume(ctx: StageContext, series_uid: str) -> Volume:
             )
         raise InferenceError(f"series {series_uid} has no stored instances")
     return load_series([ctx.spool.path(i.spool_path) for i in instances])
+
+
+def _run_model(ctx: StageContext, model: str, volume: Volume) -> InferenceResult:
+    """The model on the volume. A model is user code and may quote the header it read in its error:
+    the series' patient values are cut out before the error becomes the job's, a log line or the page's."""
+    try:
+        return ctx.inference.run(model, volume)
+    except Exception as exc:
+        scrub_exception(exc, volume.datasets[0] if volume.datasets else None)
+        raise
 
 
 def _segmentation_outputs(

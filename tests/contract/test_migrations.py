@@ -38,6 +38,8 @@ from tests.conftest import _admin_engine, _require_postgres
 BASELINE_TABLES = ("series", "instances", "jobs", "results")
 NEW_TABLES = ("users", "sessions", "api_tokens", "audit_events", "rules", "rule_versions")
 NEW_JOB_COLUMNS = ("series_instance_uid", "rule_id", "model", "destination")
+# Added by 0003 (completion signal).
+NEW_SERIES_COLUMNS = ("complete_signalled_at",)
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 NewDatabase = Callable[[], str]
@@ -388,7 +390,11 @@ def _baseline_rows(engine: sa.Engine) -> dict[str, list[dict[str, Any]]]:
     from dicom_ai_node.persistence import tables
 
     old = {
-        name: [c for c in getattr(tables, name).c if c.name not in NEW_JOB_COLUMNS]
+        name: [
+            c
+            for c in getattr(tables, name).c
+            if c.name not in (NEW_SERIES_COLUMNS if name == "series" else NEW_JOB_COLUMNS)
+        ]
         for name in BASELINE_TABLES
     }
     out: dict[str, list[dict[str, Any]]] = {}
@@ -534,7 +540,9 @@ def test_check_mode_refuses_an_out_of_date_database_and_changes_nothing(
     with pytest.raises(SchemaOutOfDateError) as info:
         build_services(settings, migrate="check")
     message = str(info.value)
-    assert message == "database schema is at 0001 but this version needs 0002: run `dicom-ai-node db upgrade`"
+    assert message == (
+        f"database schema is at 0001 but this version needs {head_revision()}: run `dicom-ai-node db upgrade`"
+    )
     assert "\n" not in message
     assert snapshot(fresh) == before and _baseline_rows(fresh) == rows and current_revision(fresh) == "0001"
 

@@ -187,6 +187,25 @@ def test_stalled_routing_goes_back_to_receiving(repo: SeriesRepository, clock: F
     assert repo.requeue_stalled_routing(older_than=clock.now) == 0
 
 
+def test_completion_signal_holds_until_the_next_instance(repo: SeriesRepository, clock: FakeClock) -> None:
+    """The sender's completion signal (issue 13): the series' last_received_at, copied in the database."""
+    other = SERIES + ".2"
+    repo.record_instance(instance(1))
+    repo.record_instance(instance(1, other))
+    assert repo.signal_series_complete([SERIES, "1.2.3.4.unknown"]) == 1
+    (signalled,) = repo.signalled_series()
+    assert signalled.series_instance_uid == SERIES and signalled.complete_signalled
+    assert signalled.complete_signalled_at == signalled.last_received_at
+    clock.advance(1)
+    repo.record_instance(instance(2))  # a later instance voids the signal
+    assert repo.signalled_series() == [] and not repo.get_series(SERIES).complete_signalled  # type: ignore[union-attr]
+    routed = repo.get_series(other)
+    assert routed is not None
+    assert repo.claim_series_for_routing(other, routed.generation, routed.last_received_at)
+    repo.mark_series(other, SeriesStatus.ROUTED, generation=routed.generation)
+    assert repo.signal_series_complete([other]) == 0  # routed: nothing to signal
+
+
 def test_list_series_by_status(repo: SeriesRepository, clock: FakeClock) -> None:
     for uid in ("1.1", "2.2", "3.3"):
         repo.record_instance(instance(1, uid))

@@ -12,6 +12,7 @@ import pytest
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Mount
 
+from dicom_ai_node.api.security import SESSION_COOKIE
 from dicom_ai_node.domain.auth import Role
 from dicom_ai_node.domain.catalog import AuthSettings
 from tests.support.admin_api import CT_SERIES, PASSWORD, ApiEnv, make_api
@@ -258,3 +259,13 @@ def test_security_headers_on_every_kind_of_response(env: ApiEnv) -> None:
     # The 422 does not echo what was sent (it may be a password).
     r = client.post("/api/auth/login", json={"username": "viewer", "password": ["secret-in-a-list"]})
     assert r.status_code == 422 and "secret-in-a-list" not in r.text
+
+
+def test_a_sender_account_cannot_sign_into_the_page(env: ApiEnv) -> None:
+    """A sender reads nothing, so a page session would only meet 403s: sign-in is refused, audited."""
+    env.ctx.accounts.create_user("ct-room-1", Role.SENDER, PASSWORD)
+    r = env.client().post("/api/auth/login", json={"username": "ct-room-1", "password": PASSWORD})
+    assert r.status_code == 403 and "STOW-RS" in r.json()["detail"]
+    assert SESSION_COOKIE not in r.cookies
+    [event] = env.ctx.audit.list_events(action="auth.login_failed")
+    assert (event.actor, event.outcome) == ("ct-room-1", "denied")

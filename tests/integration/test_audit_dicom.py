@@ -5,6 +5,7 @@ coalesced per peer address, and never a patient name in any audit row."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,6 +159,59 @@ def test_twenty_refusals_from_one_address_in_a_minute_are_one_row(audited_scp: A
     assert alert.detail["reasons"] == {"calling AE not allowed": 10, "called AE title is not this node's": 10}
     assert alert.detail["calling_aes"] == ["INTRUDER", "TESTSCU"]
     assert len(alert.detail["called_aes"]) == 10  # at most 10 kept, however many were tried
+
+
+def test_connections_refused_at_accept_or_closed_at_the_deadline_are_alerts(
+    node_settings: NodeSettings,
+) -> None:
+    """Refusals before any A-ASSOCIATE-RQ (per-address limit, setup deadline) reach the audit too,
+    coalesced with no AE titles (none was sent)."""
+    dicom = node_settings.dicom.model_copy(
+        update={"max_associations_per_ip": 2, "association_setup_timeout_s": 0.5}
+    )
+    settings = node_settings.model_copy(update={"dicom": dicom})
+    services = build_services(settings, migrate="upgrade")
+    audit = AuditLog(services.engine)
+    scp = StorageSCP(settings, services.spool, services.repo, audit=audit)
+    scp.start()
+    silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(4)]
+    try:
+        for conn in silent:  # two are closed at accept, two at the setup deadline: each read ends
+            conn.settimeout(10)
+            try:
+                assert conn.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for conn in silent:
+            conn.close()
+        scp.stop()
+    [alert] = audit.list_events(action=ACTION_SECURITY_ALERT)
+    assert (alert.actor, alert.source, alert.outcome) == ("(no AE title)", "127.0.0.1", "denied")
+    assert alert.detail["calling_aes"] == [] and alert.detail["called_aes"] == []
+    assert alert.detail["reasons"] == {
+        "connection limit per address": 2,
+        "no association within 0.5 s of connecting": 2,
+    }
+
+
+def test_an_allowed_ae_over_its_association_limit_is_an_alert(node_settings: NodeSettings) -> None:
+    dicom = node_settings.dicom.model_copy(update={"max_associations_per_ae": 1})
+    settings = node_settings.model_copy(update={"dicom": dicom})
+    services = build_services(settings, migrate="upgrade")
+    audit = AuditLog(services.engine)
+    scp = StorageSCP(settings, services.spool, services.repo, audit=audit)
+    scp.start()
+    try:
+        first = _associate(scp.port)
+        assert first.is_established
+        assert _associate(scp.port).is_rejected  # the same AE's second association
+        first.release()
+    finally:
+        scp.stop()
+    [alert] = audit.list_events(action=ACTION_SECURITY_ALERT)
+    assert (alert.actor, alert.source) == ("TESTSCU", "127.0.0.1")
+    assert alert.detail["reasons"] == {"association limit per calling AE": 1}
 
 
 def test_alert_windows_close_after_a_minute_and_addresses_are_bounded(node_settings: NodeSettings) -> None:

@@ -129,28 +129,19 @@ def test_a_wrong_called_ae_is_rejected_with_reason_7(running_scp: RunningScp) ->
     ok.release()
 
 
+def _storescu_to_wrong_called_ae(port: int, path: Path) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu sending one file to called AE 'WRONG' (not this node's title)."""
+    argv = [dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "WRONG", "127.0.0.1", str(port), str(path)]
+    return subprocess.run(argv, capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+
+
 def test_dcmtk_storescu_with_a_wrong_called_ae_is_refused(
     running_scp: RunningScp, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ds = ct_dataset(tmp_path / "ct")
     path = tmp_path / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
-    proc = subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "WRONG",
-            "127.0.0.1",
-            str(running_scp.port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        env=DCMTK_ENV,
-        timeout=60,
-    )
+    proc = _storescu_to_wrong_called_ae(running_scp.port, path)
     assert proc.returncode != 0
     assert "called ae title not recognized" in (proc.stdout + proc.stderr).lower(), proc.stderr
     assert "called AE 'WRONG' is not this node's 'AINODE'" in caplog.text
@@ -177,22 +168,8 @@ def test_accept_any_called_ae_lets_a_wrong_called_ae_store(
         path = tmp_path / "ct2.dcm"
         other = ct_dataset(tmp_path / "ct2")
         other.save_as(path, enforce_file_format=True)
-        subprocess.run(
-            [
-                dcmtk_tool("storescu"),
-                "-aet",
-                "STORESCU",
-                "-aec",
-                "WRONG",
-                "127.0.0.1",
-                str(scp.port),
-                str(path),
-            ],
-            check=True,
-            capture_output=True,
-            env=DCMTK_ENV,
-            timeout=60,
-        )
+        proc = _storescu_to_wrong_called_ae(scp.port, path)
+        assert proc.returncode == 0, proc.stderr
         assert services.repo.get_series(str(other.SeriesInstanceUID)) is not None
     finally:
         scp.stop()

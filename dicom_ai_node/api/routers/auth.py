@@ -17,6 +17,7 @@ from dicom_ai_node.api.schemas import (
     UserPublic,
 )
 from dicom_ai_node.api.security import SESSION_COOKIE
+from dicom_ai_node.domain.auth import Role
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 
@@ -40,7 +41,11 @@ def _locked_out(ctx: CtxDep, username: str, source: str) -> bool:
 
 @router.post(
     "/login",
-    responses={401: {"description": WRONG_CREDENTIALS}, 429: {"description": "too many failed sign-ins"}},
+    responses={
+        401: {"description": WRONG_CREDENTIALS},
+        403: {"description": "a sender account cannot sign in"},
+        429: {"description": "too many failed sign-ins"},
+    },
 )
 def login(body: LoginRequest, request: Request, response: Response, ctx: CtxDep) -> LoginResponse:
     source = client_ip(request)
@@ -56,6 +61,10 @@ def login(body: LoginRequest, request: Request, response: Response, ctx: CtxDep)
     if user is None:
         record(ctx, request, actor=body.username, action="auth.login_failed", outcome="failed")
         raise HTTPException(401, WRONG_CREDENTIALS)
+    if user.role is Role.SENDER:
+        # A sender account reads nothing: a page session would only meet 403s. It sends with a token.
+        record(ctx, request, actor=user.username, action="auth.login_failed", outcome="denied")
+        raise HTTPException(403, "this account only sends studies (STOW-RS with an API token)")
     previous = request.cookies.get(SESSION_COOKIE)
     if previous:  # signing in again replaces the browser's session instead of leaving it alive
         ctx.accounts.delete_session(previous)

@@ -91,23 +91,36 @@ def get_job(job_id: IdPath, ctx: CtxDep, _: Viewer) -> JobDetail:
     )
 
 
+def _act(
+    ctx: CtxDep,
+    request: Request,
+    actor: str,
+    job: Job,
+    action: str,
+    acted_on: int | None,
+    refused: str,
+) -> JobPublic:
+    """The shared shape of an operator action: 409 when the queue refused it, else audit and answer.
+
+    `acted_on` is the id of the job the action leaves behind (the job itself, or the new job of a
+    re-run), None when the queue refused the action for the job's current status.
+    """
+    if acted_on is None:
+        raise HTTPException(409, f"job {job.id} is {job.status.value}: {refused}")
+    detail: dict[str, object] = {"was": job.status.value, "kind": job.kind.value}
+    if acted_on != job.id:
+        detail["new_job_id"] = acted_on
+    record(ctx, request, actor=actor, action=action, target=f"job/{job.id}", detail=detail)
+    return JobPublic.model_validate(_get(ctx, acted_on))
+
+
 @router.post("/api/jobs/{job_id}/retry", responses={404: {}, 409: {}})
 def retry_job(job_id: IdPath, request: Request, ctx: CtxDep, principal: Operator) -> JobPublic:
     """A dead or failed job runs again now, with its attempts reset."""
     job = _get(ctx, job_id)
-    if not ctx.queue.retry(job_id):
-        raise HTTPException(
-            409, f"job {job_id} is {job.status.value}: only dead or failed jobs can be retried"
-        )
-    record(
-        ctx,
-        request,
-        actor=principal.username,
-        action="job.retry",
-        target=f"job/{job_id}",
-        detail={"was": job.status.value, "kind": job.kind.value},
-    )
-    return JobPublic.model_validate(_get(ctx, job_id))
+    acted_on = job_id if ctx.queue.retry(job_id) else None
+    refused = "only dead or failed jobs can be retried"
+    return _act(ctx, request, principal.username, job, "job.retry", acted_on, refused)
 
 
 @router.post("/api/jobs/{job_id}/rerun", responses={404: {}, 409: {}})
@@ -118,36 +131,17 @@ def rerun_job(job_id: IdPath, request: Request, ctx: CtxDep, principal: Operator
         new_id = ctx.queue.rerun(job_id)
     except PayloadError as exc:
         raise HTTPException(409, str(exc)) from None
-    if new_id is None:
-        raise HTTPException(409, f"job {job_id} is {job.status.value}: only finished jobs can be re-run")
-    record(
-        ctx,
-        request,
-        actor=principal.username,
-        action="job.rerun",
-        target=f"job/{job_id}",
-        detail={"new_job_id": new_id, "kind": job.kind.value},
-    )
-    return JobPublic.model_validate(_get(ctx, new_id))
+    refused = "only finished jobs can be re-run"
+    return _act(ctx, request, principal.username, job, "job.rerun", new_id, refused)
 
 
 @router.post("/api/jobs/{job_id}/cancel", responses={404: {}, 409: {}})
 def cancel_job(job_id: IdPath, request: Request, ctx: CtxDep, principal: Operator) -> JobPublic:
     """A queued job, or a failed one waiting for its retry, will not run."""
     job = _get(ctx, job_id)
-    if not ctx.queue.cancel(job_id):
-        raise HTTPException(
-            409, f"job {job_id} is {job.status.value}: only queued or failed jobs can be cancelled"
-        )
-    record(
-        ctx,
-        request,
-        actor=principal.username,
-        action="job.cancel",
-        target=f"job/{job_id}",
-        detail={"was": job.status.value, "kind": job.kind.value},
-    )
-    return JobPublic.model_validate(_get(ctx, job_id))
+    acted_on = job_id if ctx.queue.cancel(job_id) else None
+    refused = "only queued or failed jobs can be cancelled"
+    return _act(ctx, request, principal.username, job, "job.cancel", acted_on, refused)
 
 
 @router.post("/api/dead-letter/replay")
