@@ -125,7 +125,12 @@ def encode_seg(
     lut = np.zeros(lut_size, dtype=np.uint8 if len(numbered) <= 0xFF else np.uint16)
     for number, spec in numbered:
         lut[spec.label_value] = number
-    segment_array = lut[label_map]
+    if label_map.dtype == lut.dtype and all(number == spec.label_value for number, spec in numbered):
+        # The label values already are the segment numbers: lut[label_map] would be a full-size copy
+        # (157 MB for 600 slices of 512 x 512) holding the same values.
+        segment_array = label_map
+    else:
+        segment_array = lut[label_map]
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model.name,

@@ -28,6 +28,9 @@ from dicom_ai_node.infer.volume import Volume
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Slices per slab when resampling in-plane: 32 slices of 512x512 float32 are 32 MB per channel.
 _SLAB = 32
+# Slices per slab when upsampling probabilities to the source grid: per slab, the upsampled classes
+# (3 x 16 MB for 16 slices of 512x512) and their argmax (int64, 32 MB) are alive at once.
+_LABEL_SLAB = 16
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ def to_model_grid(volume: Volume, spec: InputSpec) -> tuple[np.ndarray, GridMap]
     model_spacing = tuple(
         s * n / m for s, n, m in zip(oriented_spacing, oriented_shape, model_shape, strict=True)
     )
-    resampled = resize(np.ascontiguousarray(oriented, dtype=np.float32)[None], model_shape)[0]
+    # The reoriented view goes in as it is: resize copies it slab by slab, so the whole source volume
+    # (629 MB for 600 slices of 512 x 512) is not duplicated next to the read-only input.
+    resampled = resize(oriented[None], model_shape)[0]
     prepared = prepare_intensity(resampled, spec)
     grid = GridMap(
         transform=transform,
@@ -165,16 +170,21 @@ def labels_to_source_grid(probabilities: np.ndarray, grid: GridMap, label_values
         )
     lut = np.array([0, *label_values], dtype=np.uint8)
     tx, ty, tz = grid.oriented_shape
+    # The label map on the source grid, written through its reoriented view (flips and a transpose: no
+    # copy), so no second full-size array is made to reorient it back.
+    source_shape = [0, 0, 0]  # (cols, rows, frames): the NIfTI view of the source grid
+    for axis_in, (axis_out, _) in enumerate(grid.transform):
+        source_shape[axis_in] = grid.oriented_shape[int(axis_out)]
+    cols, rows, frames = source_shape
+    labels = np.empty((frames, rows, cols), dtype=np.uint8)
+    oriented = nib.orientations.apply_orientation(labels.transpose(2, 1, 0), grid.transform)
     # z first (cheap on the small model grid), then in-plane per slab straight into labels.
     along_z = resize(probabilities.astype(np.float32, copy=False), (*grid.model_shape[:2], tz))
-    oriented = np.empty((tx, ty, tz), dtype=np.uint8)
-    for z0 in range(0, tz, _SLAB):
-        slab = along_z[:, :, :, z0 : z0 + _SLAB]
+    for z0 in range(0, tz, _LABEL_SLAB):
+        slab = along_z[:, :, :, z0 : z0 + _LABEL_SLAB]
         up = resize(slab, (tx, ty, slab.shape[3]))
-        oriented[:, :, z0 : z0 + _SLAB] = lut[np.argmax(up, axis=0)]
-    inverse = nib.orientations.ornt_transform(np.array([[0, 1], [1, 1], [2, 1]], dtype=float), grid.transform)
-    nifti_view = nib.orientations.apply_orientation(oriented, inverse)
-    return np.ascontiguousarray(nifti_view.transpose(2, 1, 0))
+        oriented[:, :, z0 : z0 + _LABEL_SLAB] = lut[np.argmax(up, axis=0)]
+    return labels
 
 
 def label_map_to_model_grid(label_map: np.ndarray, grid: GridMap) -> np.ndarray:

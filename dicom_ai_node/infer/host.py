@@ -10,9 +10,10 @@ threads and any processes the model started included) and the next request start
   connections is unsafe; a spawned child imports what it needs and nothing else. Spawn re-imports the
   entry script in the child, so a script that creates a host must keep its work under
   `if __name__ == "__main__":` (the console script does; `python -m` modules are not re-imported).
-- Volumes and label maps cross through files in /dev/shm (`transfer.py`); the child's side, the pipe
-  protocol, error and log forwarding and dying with the parent are in `child.py`; `run_model` and the
-  in-process host are in `runner.py`.
+- Volumes and label maps cross through files in /dev/shm (`transfer.py`); `share()` moves a volume there
+  before the call, so the worker does not hold a second copy while the model runs. The child's side, the
+  pipe protocol, error and log forwarding and dying with the parent are in `child.py`; `run_model` and
+  the in-process host are in `runner.py`.
 - A child that dies mid-request (segfault, OOM killer) gives an InferenceError naming the signal or exit
   code; a timeout gives InferenceTimeoutError; the next request starts a fresh child.
 
@@ -74,7 +75,7 @@ from dicom_ai_node.infer.volume import Volume
 if TYPE_CHECKING:
     from dicom_ai_node.config import ModelSettings
 
-__all__ = ["InProcessHost", "InferenceHost", "InferenceResult"]
+__all__ = ["InProcessHost", "InferenceHost", "InferenceResult", "SharedVolume"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ class InferenceHost(ClosingHost):
         self._conn: multiprocessing.connection.Connection | None = None
         self._in_process: InProcessHost | None = None
         self._closed = False
+        # Volumes moved into transfer files by share(): id of the mapped array -> its file.
+        self._shared: dict[int, Path] = {}
         _live_hosts.add(self)
 
     @classmethod
@@ -146,6 +149,11 @@ class InferenceHost(ClosingHost):
                 return self._in_process.run(model_name, volume)
             return self._run_in_child(model_name, volume)
 
+    def share(self, volume: Volume) -> SharedVolume:
+        """`with host.share(volume) as volume:` moves the voxels into a transfer file that run() hands to
+        the child as it is, so the worker keeps no copy of its own while the model runs (see SharedVolume)."""
+        return SharedVolume(self, volume)
+
     def close(self) -> None:
         """Stop the child: ask it to exit, kill it if it does not within a few seconds."""
         with self._lock:
@@ -169,6 +177,9 @@ class InferenceHost(ClosingHost):
 
     def _run_in_child(self, model_name: str, volume: Volume) -> InferenceResult:
         series_uid = volume_series_uid(volume)
+        # A shared volume's file goes to the child as it is (SharedVolume removes it); any other array is
+        # written to a transfer file of this call.
+        shared_path = self._shared.get(id(volume.array))
         array = np.ascontiguousarray(volume.array)
         if array.size == 0:
             raise InferenceError(f"series {series_uid}: empty volume {array.shape}")
@@ -177,7 +188,7 @@ class InferenceHost(ClosingHost):
         out_paths = [d / f"{stem}-out" for d in self._transfer_dirs]
         in_path: Path | None = None
         try:
-            in_path = write_array(self._transfer_dirs, f"{stem}-in", array)
+            in_path = shared_path or write_array(self._transfer_dirs, f"{stem}-in", array)
             conn = self._ensure_child()
             request = Request(
                 token=token,
@@ -201,7 +212,7 @@ class InferenceHost(ClosingHost):
             result = dataclasses.replace(reply.result, label_map=label_map)
         finally:
             # Whatever happened (timeout, crash, model error), no transfer file outlives the call.
-            for path in [in_path, *out_paths]:
+            for path in [in_path if shared_path is None else None, *out_paths]:
                 if path is not None:
                     path.unlink(missing_ok=True)
         log_result(model_name, series_uid, result, f"pid {self.child_pid}")
@@ -372,6 +383,49 @@ class InferenceHost(ClosingHost):
             if process is not None and process.pid is not None and process.exitcode is None:
                 _kill_process_group(process.pid)
                 process.join(_STOP_GRACE_S)
+
+
+class SharedVolume:
+    """A volume whose voxels live once, in a transfer file mapped read-only by the worker and the child.
+
+    Without it a 600-slice CT is held twice while the model runs: 629 MB of float32 in the worker and
+    the same again in /dev/shm for the child. `__enter__` writes the voxels to the file and returns the
+    volume with its array mapped from it; the caller rebinds its name to that (`with host.share(volume)
+    as volume:`), so the private array is freed, and this object keeps no reference to it. The mapping
+    is paged in only where the worker reads it (key images). `__exit__` removes the file; the mapped array
+    stays readable after that (the kernel frees the memory when the mapping is dropped). In-process
+    (`timeout_s == 0`) and for an empty volume, the volume is returned as it is.
+    """
+
+    def __init__(self, host: InferenceHost, volume: Volume) -> None:
+        self._host = host
+        self._volume: Volume | None = volume
+        self._path: Path | None = None
+        self._mapped: np.ndarray | None = None
+
+    def __enter__(self) -> Volume:
+        volume, self._volume = self._volume, None
+        assert volume is not None, "a SharedVolume is entered once"
+        if self._host.timeout_s == 0 or volume.array.size == 0:
+            return volume
+        array = np.ascontiguousarray(volume.array)
+        name = f"{TRANSFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-volume"
+        self._path = write_array(self._host._transfer_dirs, name, array)
+        try:
+            self._mapped = np.memmap(self._path, dtype=array.dtype, mode="r", shape=array.shape)
+        except BaseException:
+            self._path.unlink(missing_ok=True)
+            raise
+        self._host._shared[id(self._mapped)] = self._path
+        return dataclasses.replace(volume, array=self._mapped)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mapped is not None:
+            self._host._shared.pop(id(self._mapped), None)
+            self._mapped = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
 
 
 # Non-daemonic children are joined by multiprocessing's own exit hook, which would wait for ever on a

@@ -22,9 +22,10 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicom_ai_node.errors import InferenceError, InvalidDicomError, SeriesGeometryError
+from dicom_ai_node.infer.decode import decode_frames, decode_workers
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,14 @@ def load_series(paths: Sequence[Path]) -> Volume:
         raise InvalidDicomError(f"series {series_uid}: mixed PhotometricInterpretation {sorted(photometric)}")
 
     array = np.empty((len(headers), rows, cols), dtype=np.float32)
-    for k, header in enumerate(headers):
-        array[k] = _decode_frame(header)
+    # Compressed frames decode in a few processes at once (decode.py: the JPEG 2000 decoder holds the GIL).
+    compressed = any(
+        UID(str(h.ds.file_meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)).is_compressed
+        for h in headers
+    )
+    frames = decode_frames(_decode_frame, headers, decode_workers(len(headers), compressed))
+    for k, frame in enumerate(frames):
+        array[k] = frame
     if photometric == {"MONOCHROME1"}:
         np.subtract(array.max(), array, out=array)
 

@@ -308,3 +308,24 @@ def test_claim_racing_an_uncommitted_claim_of_the_same_lock_key(queue: JobQueue,
         assert racing.result(timeout=30) is None
     job = queue.get(a2)
     assert job is not None and job.status is JobStatus.QUEUED
+
+
+def test_release_gives_a_running_job_back_untouched(queue: JobQueue, clock: FakeClock) -> None:
+    """A worker shutting down returns its job: queued, runnable now, the attempt not counted."""
+    job_id = queue.enqueue(INFER, infer_payload())
+    claimed = queue.claim("w1", [INFER], LEASE_S)
+    assert claimed is not None and claimed.attempts == 1
+    assert queue.release(job_id, "w2") is False  # not the owner
+    clock.advance(5)
+    assert queue.release(job_id, "w1") is True
+    job = queue.get(job_id)
+    assert job is not None
+    assert (job.status, job.attempts, job.worker_id, job.scheduled_at) == (
+        JobStatus.QUEUED,
+        0,
+        None,
+        clock.now,
+    )
+    assert queue.release(job_id, "w1") is False  # released once; the worker holds nothing any more
+    again = queue.claim("w2", [INFER], LEASE_S)
+    assert again is not None and again.id == job_id and again.attempts == 1

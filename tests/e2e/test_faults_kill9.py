@@ -1,5 +1,6 @@
-"""kill -9 of the node at random moments under four parallel senders loses nothing it acknowledged; the
-same study sent by several senders several times is stored once and processed once.
+"""kill -9 of the node at random moments under four parallel senders loses nothing it acknowledged and
+leaves no file without its row; the same study sent by several senders several times is stored once and
+processed once; the orphan sweep at start tells a killed writer's file from a live one's.
 
 The longer run of the first test is scripts/fault_soak.py (docs/reliability.md, "Faults").
 """
@@ -223,9 +224,11 @@ def test_orphan_sweep_keeps_a_live_writers_file_and_removes_a_killed_ones(tmp_pa
         assert sweep() == 1
         assert not killed_file.exists() and alive_file.exists() and (spool.root / rel).exists()
     finally:
-        alive.kill()
-        alive.wait(10)
-        killed.kill()
+        for proc in (alive, killed):
+            proc.kill()
+            proc.wait(10)
+            assert proc.stdout is not None
+            proc.stdout.close()
     # Once the live writer is dead too (no commit came), its file is an orphan as well.
     assert sweep() == 1 and not alive_file.exists() and (spool.root / rel).exists()
     engine.dispose()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,6 +259,40 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(native: tuple[Nativ
     ok = _associate(receiver.port)
     assert ok.is_established
     ok.release()
+
+
+def test_connection_limits_and_setup_deadline(node_settings: NodeSettings, binary: Path) -> None:
+    """Per-IP limit at TCP accept, and a connection that sends no A-ASSOCIATE-RQ is closed at its deadline
+    (receive/guard.py's rules): silent peers cannot lock the port."""
+    dicom = node_settings.dicom.model_copy(
+        update={
+            "port": free_port(),
+            "receiver": "dcmtk",
+            "max_associations_per_ip": 2,
+            "association_setup_timeout_s": 1.0,
+        }
+    )
+    settings = node_settings.model_copy(update={"dicom": dicom})
+    services = build_services(settings, migrate="upgrade")
+    receiver = NativeReceiver(settings, services.spool, services.repo, binary=binary)
+    receiver.start()
+    silent = [socket.create_connection(("127.0.0.1", receiver.port)) for _ in range(2)]
+    try:
+        third = socket.create_connection(("127.0.0.1", receiver.port))
+        third.settimeout(5)
+        assert third.recv(1) == b""  # closed at accept: 2 open from this address
+        third.close()
+        started = time.monotonic()
+        for sock in silent:
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+        assert time.monotonic() - started < 5
+        assert wait_for(lambda: _associate(receiver.port).is_established, 5, interval_s=0.2)
+    finally:
+        for sock in silent:
+            sock.close()
+        receiver.stop()
+        services.engine.dispose()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -12,7 +12,6 @@ the sender.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import threading
 import time
@@ -41,8 +40,6 @@ FAULT_RULE_ID = "fault-ct-lungs"
 FAULT_MODEL = "ct-lung-classical"
 # Seconds a sender waits before it tries again after a lost association or a refused instance.
 RETRY_S = 0.1
-
-log = logging.getLogger(__name__)
 
 
 # -- what is sent -----------------------------------------------------------------------------------
@@ -254,7 +251,6 @@ class Sender(threading.Thread):
         self._busy = False
         self._halt = threading.Event()
         self._assoc: Association | None = None
-        self.associations = 0
 
     def enqueue(self, items: Iterable[Instance]) -> None:
         with self._cond:
@@ -330,7 +326,6 @@ class Sender(threading.Thread):
         assoc = ae.associate("127.0.0.1", self.port, ae_title=self.called_ae)
         if not assoc.is_established:
             return None
-        self.associations += 1
         self._assoc = assoc
         return assoc
 

@@ -21,6 +21,7 @@ import typer
 import yaml
 
 from dicom_ai_node import __version__
+from dicom_ai_node.api.security import host_allowed
 from dicom_ai_node.cli import app
 from dicom_ai_node.config import NodeSettings, load_settings
 from dicom_ai_node.devtools.repo import ROOT
@@ -186,6 +187,9 @@ def test_config_map_loads_with_the_node_settings(tmp_path: Path) -> None:
     assert settings.auto_upgrade_schema is False
     assert settings.dicom.bind == "0.0.0.0" and settings.http.bind == "0.0.0.0"
     assert settings.rules_file == Path("/etc/dicom-ai-node/rules.yaml")
+    # Prometheus scrapes each receiver by its pod DNS name in the kustomization's namespace.
+    pod_name = f"10-1-2-3.{_kustomization()['namespace']}.pod.cluster.local"
+    assert host_allowed(pod_name, settings.http.effective_allowed_hosts())
     # The database URL is not in the file: it comes from the Secret.
     assert "database_url" not in yaml.safe_load(
         _named("ConfigMap", "dicom-ai-node-config")["data"]["node.yaml"]

@@ -643,7 +643,11 @@ int main(int argc, char** argv) {
     sockaddr_in from;
     socklen_t from_len = sizeof from;
     int fd = accept4(listen_fd, reinterpret_cast<sockaddr*>(&from), &from_len, SOCK_CLOEXEC);
-    if (fd < 0) continue;
+    if (fd < 0) {
+      // Out of descriptors (or a connection reset before accept): do not spin on a readable listener.
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      continue;
+    }
     char text[INET_ADDRSTRLEN] = "?";
     inet_ntop(AF_INET, &from.sin_addr, text, sizeof text);
     const std::string ip = text;
