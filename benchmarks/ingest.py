@@ -195,7 +195,11 @@ def bench_node(folders: list[Path], work: Path, n: int, receiver: str, profile: 
         if profile is not None and node.proc is not None:
             recorder = start_profile(node.proc.pid, profile)
         t0 = time.perf_counter()
-        acked = send(folders, port, node.ae_title)
+        try:
+            acked = send(folders, port, node.ae_title)
+        except RuntimeError:
+            print(f"node ({receiver}) log tail:\n{node.log_tail(30)}", file=sys.stderr)
+            raise
         indexed = _wait_rows(work / "node" / "node.db", n, t0)
         return Run(acked, indexed)
     finally:
@@ -444,6 +448,7 @@ def main() -> None:
             profile_lines = profile_table(raw)
         ref: dict[int, list[float]] = {a: [] for a in associations}
         runs: dict[tuple[str, int, bool], list[Run]] = collections.defaultdict(list)
+        failures: collections.Counter[tuple[str, int, bool]] = collections.Counter()
         for _ in range(args.repeat):
             for assoc in associations:
                 folders = [files_dir] if assoc == 1 else split_series(files_dir, assoc)
@@ -452,7 +457,12 @@ def main() -> None:
                     if option == "c" and assoc == 1:
                         continue
                     for fsync in fsyncs:
-                        runs[(option, assoc, fsync)].append(run_option(option, folders, work, n, fsync))
+                        try:
+                            runs[(option, assoc, fsync)].append(run_option(option, folders, work, n, fsync))
+                        except (RuntimeError, TimeoutError) as exc:
+                            # A sender that failed: shown in the table, the other runs go on.
+                            failures[(option, assoc, fsync)] += 1
+                            print(f"{option}/{assoc}/{fsync}: {str(exc)[:300]}", file=sys.stderr)
     load_after = os.getloadavg()
     print(
         f"ingest: {n} CT instances 512x512 ({size_mb:.0f} MB), storescu TCP_NODELAY=1, loopback, median of "
@@ -470,12 +480,18 @@ def main() -> None:
         for option in options:
             for fsync in fsyncs:
                 got = runs.get((option, assoc, fsync))
+                failed = failures[(option, assoc, fsync)]
+                note = f" ({failed} of {failed + len(got or [])} runs failed)" if failed else ""
                 if not got:
+                    if failed:
+                        print(
+                            f"| {option}: {OPTIONS[option]}{note} | {assoc} | {'on' if fsync else 'off'} | - | - | - | - |"
+                        )
                     continue
                 acked = n / statistics.median(r.acked_s for r in got)
                 indexed = n / statistics.median(r.indexed_s for r in got)
                 print(
-                    f"| {option}: {OPTIONS[option]} | {assoc} | {'on' if fsync else 'off'} | {acked:.0f} | "
+                    f"| {option}: {OPTIONS[option]}{note} | {assoc} | {'on' if fsync else 'off'} | {acked:.0f} | "
                     f"{indexed:.0f} | {r_ref:.0f} | {acked / r_ref:.2f} |"
                 )
     if profile_lines:

@@ -192,6 +192,7 @@ def child_main(
             send(("ok", reply))
         except Exception as exc:
             send(("error", RemoteError.of(request.token, exc)))
+        release_free_memory()
     conn.close()
 
 
@@ -229,6 +230,20 @@ def serve(registry: ModelRegistry, request: Request) -> Reply:
         label_shape=label_shape,
         label_dtype=label_dtype,
     )
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free memory back to the system between requests.
+
+    A model's run frees hundreds of MB in blocks that glibc keeps for reuse (per thread arena): after a
+    600-slice CT the idle process held 790 MB instead of 470. malloc_trim returns them; it exists in glibc
+    only, elsewhere nothing happens.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def die_with_parent(parent_pid: int) -> None:

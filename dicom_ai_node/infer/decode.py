@@ -3,8 +3,8 @@
 Compressed pixel data (JPEG 2000, JPEG-LS, JPEG, RLE) decodes at a few tens of 512 x 512 frames per
 second per core, in C code that keeps the GIL (pylibjpeg-openjpeg calls its decoder without releasing
 it), so threads do not help: such frames are decoded in a pool of processes, in chunks, by at most
-min(cpu count, 8) of them. Uncompressed frames are read at about a thousand per second, more than a pool
-could ship back: they are decoded here.
+min(idle cores, 8) of them. Uncompressed frames are read at hundreds per second, more than a pool could
+ship back: they are decoded here.
 
 Same results and errors as decoding one frame after the other: frames come back in order, and the first
 frame (in order) that fails raises its own error. Processes are spawned, not forked: the worker that
@@ -24,6 +24,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from dicom_ai_node.infer.transfer import release_pages
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -31,19 +33,25 @@ Item = TypeVar("Item")
 MAX_DECODE_WORKERS = 8
 # Below this many compressed frames, starting the processes (importing numpy and pydicom) costs more
 # than decoding in this one.
-MIN_PARALLEL_FRAMES = 32
+MIN_PARALLEL_FRAMES = 64
 # Frames per task: large enough that shipping arguments and results back is a small part of the work,
 # small enough that the workers finish together.
 _CHUNK = 8
+# Frames written into a shared file between two releases of their pages from this process.
+_RELEASE_EVERY = 16
 
 
 def decode_workers(frames: int, compressed: bool) -> int:
-    """How many processes decode `frames` frames: 1 (here) for uncompressed or short series, else up to
-    min(cpu count, 8), never more than there are chunks."""
+    """How many processes decode `frames` frames: 1 (this one) for uncompressed or short series, and when
+    fewer than two cores are idle (1-minute load average); else up to min(idle cores, 8), never more than
+    there are chunks. On cores that are busy anyway, a pool only adds its start-up (0.86-1.07x measured on
+    two busy cores, docs/performance.md)."""
     if not compressed or frames < MIN_PARALLEL_FRAMES:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, MAX_DECODE_WORKERS, -(-frames // _CHUNK)))
+    idle = int(cpus - os.getloadavg()[0])
+    workers = min(idle, MAX_DECODE_WORKERS, -(-frames // _CHUNK))
+    return workers if workers >= 2 else 1
 
 
 def decode_frames(
@@ -76,6 +84,21 @@ def decode_frames(
     finally:
         # After an error, chunks not started yet are dropped rather than decoded for nothing.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_into(
+    array: np.ndarray, decode: Callable[[Item], np.ndarray], items: Sequence[Item], workers: int
+) -> None:
+    """`array[k] = decode(items[k])` for every item (see decode_frames). When `array` maps a file shared
+    with the inference process (transfer.shared_array), the frames written are dropped from this process
+    every few frames; they stay in the file: decoding a 600-slice CT then holds a few MB here, not 629."""
+    frame_bytes = array[0].nbytes if len(array) else 0
+    released = 0
+    for k, frame in enumerate(decode_frames(decode, items, workers)):
+        array[k] = frame
+        if (k + 1) % _RELEASE_EVERY == 0 or k + 1 == len(items):
+            release_pages(array, released * frame_bytes, (k + 1) * frame_bytes)
+            released = k + 1
 
 
 def _decode_chunk(decode: Callable[[Item], np.ndarray], chunk: list[Item]) -> list[np.ndarray]:

@@ -11,9 +11,9 @@ threads and any processes the model started included) and the next request start
   entry script in the child, so a script that creates a host must keep its work under
   `if __name__ == "__main__":` (the console script does; `python -m` modules are not re-imported).
 - Volumes and label maps cross through files in /dev/shm (`transfer.py`); `share()` moves a volume there
-  before the call, so the worker does not hold a second copy while the model runs. The child's side, the
-  pipe protocol, error and log forwarding and dying with the parent are in `child.py`; `run_model` and
-  the in-process host are in `runner.py`.
+  for good, so the worker does not hold a second copy while the model runs. The child's side, the pipe
+  protocol, error and log forwarding and dying with the parent are in `child.py`; `run_model` and the
+  in-process host are in `runner.py`.
 - A child that dies mid-request (segfault, OOM killer) gives an InferenceError naming the signal or exit
   code; a timeout gives InferenceTimeoutError; the next request starts a fresh child.
 
@@ -66,6 +66,7 @@ from dicom_ai_node.infer.transfer import (
     TRANSFER_PREFIX,
     default_transfer_dirs,
     read_array,
+    shared_array,
     sweep_dead_pid_entries,
     sweep_stale_transfers,
     write_array,
@@ -75,7 +76,7 @@ from dicom_ai_node.infer.volume import Volume
 if TYPE_CHECKING:
     from dicom_ai_node.config import ModelSettings
 
-__all__ = ["InProcessHost", "InferenceHost", "InferenceResult", "SharedVolume"]
+__all__ = ["InProcessHost", "InferenceHost", "InferenceResult"]
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,50 @@ class InferenceHost(ClosingHost):
                 return self._in_process.run(model_name, volume)
             return self._run_in_child(model_name, volume)
 
-    def share(self, volume: Volume) -> SharedVolume:
-        """`with host.share(volume) as volume:` moves the voxels into a transfer file that run() hands to
-        the child as it is, so the worker keeps no copy of its own while the model runs (see SharedVolume)."""
-        return SharedVolume(self, volume)
+    def volume_array(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """A float32 array to decode a volume into (`load_series(paths, host.volume_array)`): a new
+        transfer file mapped writable, which run() hands to the child as it is, so the voxels exist once,
+        in /dev/shm (decode_into keeps only a few frames of it resident in the worker). The file is removed
+        when the array is garbage (see share()). In-process (`timeout_s == 0`): a plain array."""
+        if self.timeout_s == 0:
+            return np.empty(shape, dtype=np.float32)
+        name = f"{TRANSFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-volume"
+        path, array = shared_array(self._transfer_dirs, name, shape, "<f4")
+        self._register_shared(array, path)
+        return array
+
+    def share(self, volume: Volume) -> Volume:
+        """`volume = host.share(volume)`: the same volume with its voxels in a transfer file, which run()
+        hands to the child as it is, and read-only from now on.
+
+        Without it a 600-slice CT is held twice while the model runs: 629 MB of float32 in the worker and
+        the same again in /dev/shm for the child. A volume decoded into volume_array() is there already;
+        any other is written there, and the returned array is the file mapped read-only: the caller's
+        private array is freed once it drops it (rebinding its name does). Either way the voxels exist
+        once, paged into the worker only where it reads them (key images). The file is removed when the
+        array is garbage (a killed worker's file is swept by the next host, like any transfer file).
+        In-process (`timeout_s == 0`) and for an empty volume: the volume itself.
+        """
+        if self.timeout_s == 0 or volume.array.size == 0:
+            return volume
+        if id(volume.array) in self._shared:
+            volume.array.flags.writeable = False  # as the child sees it
+            return volume
+        array = np.ascontiguousarray(volume.array)
+        name = f"{TRANSFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-volume"
+        path = write_array(self._transfer_dirs, name, array)
+        try:
+            mapped = np.memmap(path, dtype=array.dtype, mode="r", shape=array.shape)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._register_shared(mapped, path)
+        return dataclasses.replace(volume, array=mapped)
+
+    def _register_shared(self, array: np.ndarray, path: Path) -> None:
+        self._shared[id(array)] = path
+        # The file goes with the mapping, so it shows in /dev/shm as long as its memory is held.
+        weakref.finalize(array, _unshare, self._shared, id(array), path)
 
     def close(self) -> None:
         """Stop the child: ask it to exit, kill it if it does not within a few seconds."""
@@ -177,8 +218,8 @@ class InferenceHost(ClosingHost):
 
     def _run_in_child(self, model_name: str, volume: Volume) -> InferenceResult:
         series_uid = volume_series_uid(volume)
-        # A shared volume's file goes to the child as it is (SharedVolume removes it); any other array is
-        # written to a transfer file of this call.
+        # A shared volume's file goes to the child as it is (removed with its array, see share()); any
+        # other array is written to a transfer file of this call.
         shared_path = self._shared.get(id(volume.array))
         array = np.ascontiguousarray(volume.array)
         if array.size == 0:
@@ -385,47 +426,9 @@ class InferenceHost(ClosingHost):
                 process.join(_STOP_GRACE_S)
 
 
-class SharedVolume:
-    """A volume whose voxels live once, in a transfer file mapped read-only by the worker and the child.
-
-    Without it a 600-slice CT is held twice while the model runs: 629 MB of float32 in the worker and
-    the same again in /dev/shm for the child. `__enter__` writes the voxels to the file and returns the
-    volume with its array mapped from it; the caller rebinds its name to that (`with host.share(volume)
-    as volume:`), so the private array is freed, and this object keeps no reference to it. The mapping
-    is paged in only where the worker reads it (key images). `__exit__` removes the file; the mapped array
-    stays readable after that (the kernel frees the memory when the mapping is dropped). In-process
-    (`timeout_s == 0`) and for an empty volume, the volume is returned as it is.
-    """
-
-    def __init__(self, host: InferenceHost, volume: Volume) -> None:
-        self._host = host
-        self._volume: Volume | None = volume
-        self._path: Path | None = None
-        self._mapped: np.ndarray | None = None
-
-    def __enter__(self) -> Volume:
-        volume, self._volume = self._volume, None
-        assert volume is not None, "a SharedVolume is entered once"
-        if self._host.timeout_s == 0 or volume.array.size == 0:
-            return volume
-        array = np.ascontiguousarray(volume.array)
-        name = f"{TRANSFER_PREFIX}{os.getpid()}-{uuid.uuid4().hex}-volume"
-        self._path = write_array(self._host._transfer_dirs, name, array)
-        try:
-            self._mapped = np.memmap(self._path, dtype=array.dtype, mode="r", shape=array.shape)
-        except BaseException:
-            self._path.unlink(missing_ok=True)
-            raise
-        self._host._shared[id(self._mapped)] = self._path
-        return dataclasses.replace(volume, array=self._mapped)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._mapped is not None:
-            self._host._shared.pop(id(self._mapped), None)
-            self._mapped = None
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
-            self._path = None
+def _unshare(shared: dict[int, Path], key: int, path: Path) -> None:
+    shared.pop(key, None)
+    path.unlink(missing_ok=True)
 
 
 # Non-daemonic children are joined by multiprocessing's own exit hook, which would wait for ever on a

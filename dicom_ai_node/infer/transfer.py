@@ -11,6 +11,7 @@ the next host starts (their names carry the parent's pid).
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -53,6 +54,58 @@ def write_array(dirs: Sequence[Path], name: str, array: np.ndarray) -> Path:
             path.unlink(missing_ok=True)
             problems.append(f"{directory}: {exc.strerror}")
     raise InferenceError(f"cannot pass {array.nbytes} bytes to the inference process ({'; '.join(problems)})")
+
+
+def shared_array(
+    dirs: Sequence[Path], name: str, shape: tuple[int, ...], dtype: str
+) -> tuple[Path, np.ndarray]:
+    """A new file `name` for an array of `shape` in the first directory with room, mapped writable and
+    shared: what is written into the array is in the file, for another process to map.
+
+    The whole size is allocated up front (posix_fallocate), so a full /dev/shm gives ENOSPC here, and the
+    next directory is tried, rather than SIGBUS at a write later.
+    """
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    problems: list[str] = []
+    for directory in dirs:
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            problems.append(f"{directory}: {exc.strerror}")
+            continue
+        try:
+            os.posix_fallocate(fd, 0, size)
+            mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:  # ENOSPC on a small /dev/shm: try the next directory
+            path.unlink(missing_ok=True)
+            problems.append(f"{directory}: {exc.strerror}")
+            continue
+        finally:
+            os.close(fd)  # the mapping keeps the file
+        return path, np.frombuffer(mapped, dtype=np.dtype(dtype)).reshape(shape)
+    raise InferenceError(f"cannot allocate {size} bytes for the inference process ({'; '.join(problems)})")
+
+
+def release_pages(array: np.ndarray, start: int, stop: int) -> None:
+    """Drop bytes [start, stop) of `array` from this process's resident memory if the array maps a file
+    (shared_array): MADV_DONTNEED on a shared file mapping keeps the content in the file, and a later read
+    pages it in again. For any other array, nothing."""
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap):
+        return
+    offset = (
+        array.__array_interface__["data"][0]
+        - np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    )
+    first = (offset + start) // mmap.PAGESIZE * mmap.PAGESIZE
+    last = min(offset + stop, len(base))
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def read_array(path: Path, shape: tuple[int, ...], dtype: str) -> np.ndarray:

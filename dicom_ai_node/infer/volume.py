@@ -25,7 +25,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicom_ai_node.errors import InferenceError, InvalidDicomError, SeriesGeometryError
-from dicom_ai_node.infer.decode import decode_frames, decode_workers
+from dicom_ai_node.infer.decode import decode_into, decode_workers
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,13 @@ def voxel_volume_mm3(volume: Volume) -> float:
     return float(abs(np.linalg.det(volume.affine_lps[:3, :3])))
 
 
-def load_series(paths: Sequence[Path]) -> Volume:
+def load_series(
+    paths: Sequence[Path], allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None
+) -> Volume:
     """Read, check, sort and decode the single-frame instances of one series.
+
+    The frames are decoded into `allocate((frames, rows, cols))`, a float32 array (default: a new one in
+    memory; the worker passes its inference host's, a file shared with the inference process).
 
     Raises InvalidDicomError when a file is unreadable, the instances do not form one regular grid
     (different series, matrix, orientation or pixel spacing; missing slices, uneven spacing, two
@@ -126,15 +131,14 @@ def load_series(paths: Sequence[Path]) -> Volume:
     if len(photometric) > 1:
         raise InvalidDicomError(f"series {series_uid}: mixed PhotometricInterpretation {sorted(photometric)}")
 
-    array = np.empty((len(headers), rows, cols), dtype=np.float32)
+    shape = (len(headers), rows, cols)
+    array = allocate(shape) if allocate is not None else np.empty(shape, dtype=np.float32)
     # Compressed frames decode in a few processes at once (decode.py: the JPEG 2000 decoder holds the GIL).
     compressed = any(
         UID(str(h.ds.file_meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)).is_compressed
         for h in headers
     )
-    frames = decode_frames(_decode_frame, headers, decode_workers(len(headers), compressed))
-    for k, frame in enumerate(frames):
-        array[k] = frame
+    decode_into(array, _decode_frame, headers, decode_workers(len(headers), compressed))
     if photometric == {"MONOCHROME1"}:
         np.subtract(array.max(), array, out=array)
 

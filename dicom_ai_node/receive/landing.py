@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 LANDING = "landing"
 LANDING_REFUSED = "landing-refused"
-# One transaction indexes at most this many files (a few tens of ms of work on SQLite).
+# One transaction indexes at most this many files (a few tens of ms of work on SQLite) ...
 BATCH_MAX = 256
+# ... gathered for at most this long after the first one arrived.
+BATCH_WAIT_S = 0.05
 # Without events (a lost line, another receiver on a shared spool), the landing dir is rescanned this often.
 RESCAN_S = 2.0
 _NAME_LENGTH = 32
@@ -59,7 +61,7 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class LandedInfo:
-    """What the native edge's checks read from a landed file (its "landed" event)."""
+    """What the native edge's checks read from a landed file (its "store" event)."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -121,11 +123,13 @@ class LandingIndexer:
         repo: SeriesRepository,
         *,
         batch_max: int = BATCH_MAX,
+        batch_wait_s: float = BATCH_WAIT_S,
         on_batch: Callable[[BatchResult], None] | None = None,
     ) -> None:
         self.spool = spool
         self.repo = repo
         self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
         self.on_batch = on_batch
         self.directory = spool.root / LANDING
         self.refused_directory = spool.root / LANDING_REFUSED
@@ -135,7 +139,7 @@ class LandingIndexer:
         _fsync_dir(spool.root)
         self._queue: queue.Queue[str] = queue.Queue()
         self._pending: set[str] = set()
-        # What the native edge read while checking each landed file (its "landed" event), by name.
+        # What the native edge read while checking each landed file (its "store" event), by name.
         self._landed: dict[str, LandedInfo] = {}
         # Series this process has recorded (most recent last): their rows exist, so their next instances
         # need only their UIDs, not a second read of the file (the series row keeps its first header).
@@ -148,7 +152,7 @@ class LandingIndexer:
 
     # -- the running indexer ----------------------------------------------------------------------------
     def enqueue(self, name: str, info: LandedInfo | None = None) -> None:
-        """A file the native edge just landed (its "landed" event, with what its checks read)."""
+        """A file the native edge just landed (its "store" event, with what its checks read)."""
         with self._lock:
             if info is not None:
                 self._landed[name] = info
@@ -220,10 +224,13 @@ class LandingIndexer:
             names.append(self._queue.get(timeout=0.2) if block else self._queue.get_nowait())
         except queue.Empty:
             return names
-        # Group commit: whatever arrived while the last batch was being indexed goes into this one.
+        # Group commit: whatever arrived while the last batch was being indexed, and for BATCH_WAIT_S more,
+        # goes into this one. The rows are off the acknowledgement path, so waiting costs the sender
+        # nothing and saves the disk syncs (database and directories) that small batches would repeat.
+        deadline = time.monotonic() + (self.batch_wait_s if block else 0)
         while len(names) < self.batch_max:
             try:
-                names.append(self._queue.get_nowait())
+                names.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
         return names

@@ -7,8 +7,8 @@ keeps on the wire (called AE, calling AE allow-list with IPv4 networks, connecti
 the receive checks with the same statuses) and answers Success only once the instance's file is durable
 in the spool's landing dir. Its stdout is a stream of JSON events, its stderr its log:
 
-- `landed` {file}: a durable file -> the landing indexer (receive/landing.py) gives it its row;
-- `store` {status, bytes}: one C-STORE answered -> the node's metrics;
+- `store` {status, bytes, file?, *_uid, calling_ae}: one C-STORE answered -> the node's metrics; with a
+  `file`, a durable landed file -> the landing indexer (receive/landing.py) gives it its row;
 - `association` {calling_ae, called_ae, address, ending, landed: [{file, *_uid}], statuses, ...}: at
   release/abort -> the "dicom.instances_transferred" audit event, and for peers with
   `series_complete_on_release` the completion signal once its files are indexed;
@@ -29,6 +29,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -247,13 +248,22 @@ class NativeReceiver:
         so a killed node never leaves it holding the port."""
         failures = 0
         while not self._stopping.is_set():
-            proc = subprocess.Popen(
-                [str(self.binary), str(self._config_path), "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                close_fds=True,
-            )
+            try:
+                proc = subprocess.Popen(
+                    [str(self.binary), str(self._config_path), "--parent-pid", str(os.getpid())],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                if not self._listening.is_set():
+                    self._start_error = exc
+                    self._listening.set()
+                    return
+                log.error("cannot restart the native receiver (retrying): %s", exc)
+                self._stopping.wait(_RESTART_BACKOFF_S[-1])
+                continue
             self._proc = proc
             assert proc.stdout is not None and proc.stderr is not None
             readers = [
@@ -264,7 +274,10 @@ class NativeReceiver:
             ]
             for reader in readers:
                 reader.start()
+            started = time.monotonic()
             code = proc.wait()
+            if time.monotonic() - started > 60:
+                failures = 0  # it ran for a while: back to the shortest restart delay
             for reader in readers:
                 reader.join(timeout=5)
             # Its partial files were never acknowledged (the spool's clean_incoming at start does the same).
@@ -307,9 +320,9 @@ class NativeReceiver:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "landed":
-            self.indexer.enqueue(str(event["file"]), _landed_info(event))
-        elif kind == "store":
+        if kind == "store":
+            if "file" in event:  # landed (durable): its row comes from the indexer
+                self.indexer.enqueue(str(event["file"]), _landed_info(event))
             if self.metrics is not None:
                 self.metrics.observe_store(int(event["status"]), int(event.get("bytes", 0)))
         elif kind == "association":

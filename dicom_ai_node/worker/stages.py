@@ -83,11 +83,11 @@ def run_infer(job: Job, payload: InferPayload, ctx: StageContext) -> dict[str, A
     _observe_stage(ctx, "load", payload.model, timings["load_s"])
 
     t = time.perf_counter()
-    # The model runs in the inference host's child process (warm between jobs, killed at the timeout).
-    # The voxels move into shared memory for it and the name is rebound, so the worker holds no copy of
-    # its own meanwhile (a 600-slice CT: 629 MB); encoding after it reads the shared array where needed.
-    with ctx.inference.share(volume) as volume:
-        result = _run_model(ctx, payload.model, volume)
+    # The model runs in the inference host's child process (warm between jobs, killed at the timeout),
+    # on the voxels in shared memory (a 600-slice CT: 629 MB, held once); encoding reads them where it
+    # needs pixels.
+    volume = ctx.inference.share(volume)
+    result = _run_model(ctx, payload.model, volume)
     timings["infer_s"] = time.perf_counter() - t
     _observe_stage(ctx, "infer", payload.model, timings["infer_s"])
 
@@ -147,7 +147,8 @@ def _load_volume(ctx: StageContext, series_uid: str) -> Volume:
                 f"series {series_uid}: {row.route_note}; send the series again to process it"
             )
         raise InferenceError(f"series {series_uid} has no stored instances")
-    return load_series([ctx.spool.path(i.spool_path) for i in instances])
+    # Decoded straight into shared memory for the inference process: the worker holds no copy of its own.
+    return load_series([ctx.spool.path(i.spool_path) for i in instances], ctx.inference.volume_array)
 
 
 def _run_model(ctx: StageContext, model: str, volume: Volume) -> InferenceResult:

@@ -1,9 +1,12 @@
 #include "events.h"
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <deque>
 #include <map>
 #include <mutex>
+#include <thread>
 
 namespace ainode {
 namespace {
@@ -50,10 +53,54 @@ Json& Json::raw(const char* key, const std::string& json) {
   return *this;
 }
 
+// Events go out on a thread of their own: an association never waits for the node to read its pipe
+// (the instance is durable before its event exists; the event only tells the node sooner than its rescan).
+namespace {
+// Never destroyed: the writer thread waits on them until the process ends.
+std::mutex& g_event_mutex = *new std::mutex;
+std::condition_variable& g_event_ready = *new std::condition_variable;
+std::deque<std::string>& g_events = *new std::deque<std::string>;
+bool g_event_writer_started = false;
+
+void write_events() {
+  std::unique_lock<std::mutex> lock(g_event_mutex);
+  for (;;) {
+    g_event_ready.wait(lock, [] { return !g_events.empty(); });
+    std::deque<std::string> batch;
+    batch.swap(g_events);
+    lock.unlock();
+    {
+      std::lock_guard<std::mutex> out(g_out_mutex);
+      for (const std::string& line : batch) {
+        fwrite(line.data(), 1, line.size(), stdout);
+        fputc('\n', stdout);
+      }
+      fflush(stdout);  // one write for every line that queued up meanwhile
+    }
+    lock.lock();
+  }
+}
+}  // namespace
+
 void emit(const std::string& json_line) {
-  std::lock_guard<std::mutex> lock(g_out_mutex);
-  fwrite(json_line.data(), 1, json_line.size(), stdout);
-  fputc('\n', stdout);
+  std::lock_guard<std::mutex> lock(g_event_mutex);
+  if (!g_event_writer_started) {
+    std::thread(write_events).detach();
+    g_event_writer_started = true;
+  }
+  g_events.push_back(json_line);
+  g_event_ready.notify_one();
+}
+
+void flush_events() {
+  for (int i = 0; i < 200; ++i) {
+    {
+      std::lock_guard<std::mutex> lock(g_event_mutex);
+      if (g_events.empty()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::lock_guard<std::mutex> out(g_out_mutex);
   fflush(stdout);
 }
 

@@ -23,8 +23,10 @@ class Json {
 
 std::string json_string(const std::string& value);
 
-// One event line on stdout, flushed at once.
+// One event line on stdout, written by the event thread (in order, flushed as soon as it is idle).
 void emit(const std::string& json_line);
+// Wait (briefly) until every event emitted so far is written: before the process exits.
+void flush_events();
 
 enum class Level { kDebug, kInfo, kWarning, kError };
 void log(Level level, const std::string& message);

@@ -435,21 +435,19 @@ void serve_association(T_ASC_Association* assoc, const std::string& calling, con
     OFStandard::strlcpy(rsp.AffectedSOPInstanceUID, req.AffectedSOPInstanceUID, sizeof rsp.AffectedSOPInstanceUID);
     rsp.opts = O_STORE_AFFECTEDSOPCLASSUID | O_STORE_AFFECTEDSOPINSTANCEUID;
     // The file is landed (durable) before the response; the node indexes it whatever happens next.
-    // With what the checks read, so the node need not read the file again (receive/landing.py).
+    // One event per C-STORE answered; a landed file's carries what the checks read, so the node need not
+    // read the file again (receive/landing.py).
+    Json event;
+    event.str("event", "store").num("status", out.status).num("bytes", out.status == kSuccess ? out.bytes : 0);
     if (!out.file.empty())
-      emit(Json()
-               .str("event", "landed")
-               .str("file", out.file)
-               .str("sop_instance_uid", out.check.sop_instance_uid)
-               .str("sop_class_uid", out.check.sop_class_uid)
-               .str("series_instance_uid", out.check.series_instance_uid)
-               .str("study_instance_uid", out.check.study_instance_uid)
-               .str("transfer_syntax_uid", out.transfer_syntax_uid)
-               .str("calling_ae", calling)
-               .num("bytes", out.bytes)
-               .done());
-    emit(Json().str("event", "store").num("status", out.status).num("bytes", out.status == kSuccess ? out.bytes : 0)
-             .done());
+      event.str("file", out.file)
+          .str("sop_instance_uid", out.check.sop_instance_uid)
+          .str("sop_class_uid", out.check.sop_class_uid)
+          .str("series_instance_uid", out.check.series_instance_uid)
+          .str("study_instance_uid", out.check.study_instance_uid)
+          .str("transfer_syntax_uid", out.transfer_syntax_uid)
+          .str("calling_ae", calling);
+    emit(event.done());
     OFCondition sent = DIMSE_sendStoreResponse(assoc, pres_id, &req, &rsp, nullptr);
     --g_storing;
     transfer.statuses[hex4(out.status)] += 1;
@@ -616,6 +614,7 @@ int main(int argc, char** argv) {
   int listen_fd = listen_socket(&error);
   if (listen_fd < 0) {
     log(Level::kError, "cannot listen on " + g_config.bind + ":" + std::to_string(g_config.port) + ": " + error);
+    flush_events();
     return 3;
   }
   // DCMTK must not open a listener of its own (it would bind every address): a socket handle set while
@@ -670,6 +669,11 @@ int main(int argc, char** argv) {
   const long long give_up = g_abort_at_ms + 5000;
   while ((g_storing > 0 || g_guard.open() > 0) && now_ms() < give_up)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  flush_events();
   log(Level::kInfo, "native DICOM SCP stopped");
-  return 0;
+  // Threads may still run (the event writer always does): exit without running static destructors
+  // under them (a condition variable destroyed while a thread waits on it blocks in glibc).
+  fflush(stdout);
+  fflush(stderr);
+  _exit(0);
 }
