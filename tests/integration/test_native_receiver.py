@@ -9,6 +9,7 @@ is killed (landed files get their rows at recovery), and received series process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -203,10 +204,14 @@ def test_write_order_before_each_success_fsync_rename_fsync_dir_then_response(
         storescu([tmp_path / "ct"], "AINODE", port, "STORESCU", "+sd")
     finally:
         # strace detaches on a signal of its own; the receiver stops on SIGQUIT and strace with it.
-        for task in Path(f"/proc/{proc.pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                os.kill(int(child), signal.SIGQUIT)
-        proc.wait(timeout=30)
+        _signal_children(proc.pid, signal.SIGQUIT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _signal_children(proc.pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+            raise
     calls = _stitched(trace)
     landed = sorted(landing.iterdir())
     assert len(landed) == 3
@@ -217,6 +222,14 @@ def test_write_order_before_each_success_fsync_rename_fsync_dir_then_response(
         dir_sync = _first(calls, renamed[1], "fsync(", f"/{LANDING}>", "= 0")
         response = _first(calls, dir_sync[1], "write", "TCP:", sop)
         assert file_sync[1] < renamed[0] <= renamed[1] < dir_sync[0] <= dir_sync[1] < response[0], name
+
+
+def _signal_children(pid: int, signo: int) -> None:
+    """Signal the child processes of `pid` (strace's tracee)."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                os.kill(int(child), signo)
 
 
 def _first(calls: list[tuple[int, int, str]], after: int, call: str, *parts: str) -> tuple[int, int, str]:
