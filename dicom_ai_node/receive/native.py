@@ -42,6 +42,7 @@ from dicom_ai_node.persistence.audit import AuditLog
 from dicom_ai_node.persistence.repository import SeriesRepository
 from dicom_ai_node.receive.audit import ACTION_TRANSFERRED, MAX_STUDIES, SecurityAlerts, study_target
 from dicom_ai_node.receive.landing import LandedInfo, LandingIndexer
+from dicom_ai_node.receive.release import signalling_titles
 from dicom_ai_node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,6 @@ def _landed_info(event: dict[str, Any]) -> LandedInfo | None:
         return None  # the file is read again
 
 
-def _signalling_titles(settings: NodeSettings) -> frozenset[str]:
-    """AE titles whose every allow-list entry sets `series_complete_on_release` (as receive/scp.py)."""
-    titles: dict[str, bool] = {}
-    for peer in settings.dicom.allowed_peers:
-        on = bool(getattr(peer, "series_complete_on_release", False))
-        titles[peer.ae_title] = titles.get(peer.ae_title, True) and on
-    return frozenset(title for title, on in titles.items() if on)
-
-
 class NativeReceiver:
     """The running native edge, with StorageSCP's interface: `start()`, `port`, `stop()`."""
 
@@ -165,7 +157,7 @@ class NativeReceiver:
         self.binary = binary or find_binary()
         self.reuse_port = reuse_port
         self.indexer = LandingIndexer(spool, repo)
-        self.signalling = _signalling_titles(settings)
+        self.signalling = signalling_titles(settings.dicom.allowed_peers)
         self._workdir = Path(tempfile.mkdtemp(prefix="ainode-storescp-"))
         self._config_path = self._workdir / "receiver.conf"
         self._proc: subprocess.Popen[bytes] | None = None

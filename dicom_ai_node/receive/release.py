@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from dicom_ai_node.domain.ingest import IngestResult
+from dicom_ai_node.domain.peers import AllowedPeer
 from dicom_ai_node.errors import DatabaseError
 from dicom_ai_node.persistence.repository import SeriesRepository
 
@@ -92,3 +93,12 @@ def _calling_ae(assoc: Any) -> str:
         return str(assoc.requestor.ae_title).strip()
     except AttributeError:
         return "?"
+
+
+def signalling_titles(peers: Iterable[AllowedPeer]) -> frozenset[str]:
+    """The AE titles whose every allow-list entry sets `series_complete_on_release`: entries that
+    disagree give no signal (the quiet period is the safe side). Both receivers use this one rule."""
+    titles: dict[str, bool] = {}
+    for peer in peers:
+        titles[peer.ae_title] = titles.get(peer.ae_title, True) and peer.series_complete_on_release
+    return frozenset(title for title, on in titles.items() if on)

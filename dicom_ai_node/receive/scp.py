@@ -39,7 +39,7 @@ from dicom_ai_node.receive.audit import SecurityAlerts, TransferAudit
 from dicom_ai_node.receive.chunked import receive_into
 from dicom_ai_node.receive.guard import ConnectionGuard, ConnectionLimits
 from dicom_ai_node.receive.ingest import StoreRequest, ingest_file
-from dicom_ai_node.receive.release import ReleaseSignals
+from dicom_ai_node.receive.release import ReleaseSignals, signalling_titles
 from dicom_ai_node.receive.server import NodeAssociationServer, _wake_acceptor
 from dicom_ai_node.receive.tls import peer_certificate
 from dicom_ai_node.store.spool import Spool
@@ -259,10 +259,7 @@ def _release_signals(
 ) -> ReleaseSignals | None:
     """The release signal for the AE titles whose every allow-list entry sets `series_complete_on_release`
     (entries that disagree: no signal, the quiet period is the safe side); None when no peer has it."""
-    titles: dict[str, bool] = {}
-    for peer in dicom.allowed_peers:
-        titles[peer.ae_title] = titles.get(peer.ae_title, True) and peer.series_complete_on_release
-    signalling = sorted(title for title, on in titles.items() if on)
+    signalling = sorted(signalling_titles(dicom.allowed_peers))
     return ReleaseSignals(repo, signalling, on_signalled) if signalling else None
 
 
