@@ -26,7 +26,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from dicom_ai_node.config import NodeSettings
-from dicom_ai_node.devtools.dcmtk import DCMTK_ENV, dcmtk_tool, storescp, storescu
+from dicom_ai_node.devtools.dcmtk import storescp, storescu
 from dicom_ai_node.devtools.node import NodeProcess
 from dicom_ai_node.devtools.ports import free_port, wait_port
 from dicom_ai_node.devtools.synthetic import write_ct_series
@@ -40,7 +40,7 @@ from dicom_ai_node.receive.landing import LANDING, LandingIndexer
 from dicom_ai_node.receive.native import NativeReceiver, config_text, find_binary
 from dicom_ai_node.store.spool import Spool
 from tests.conftest import RunningScp
-from tests.support.bad_input import CASES, LONG_UID, bad_instance, ct_dataset, write_part10
+from tests.support.bad_input import CASES, LONG_UID, bad_instance, ct_dataset, storescu_once, write_part10
 from tests.support.faults import (
     NodeSnapshot,
     SendLog,
@@ -338,23 +338,7 @@ def test_padded_pixel_data_is_stored_and_dcmtk_overlong_uid_refused(
     long_uid.SOPInstanceUID = LONG_UID
     path = tmp_path / "long.dcm"
     long_uid.save_as(path, enforce_file_format=True)
-    proc = subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "AINODE",
-            "127.0.0.1",
-            str(receiver.port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        env=DCMTK_ENV,
-        timeout=60,
-    )
+    proc = storescu_once(receiver.port, path)
     assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in proc.stdout + proc.stderr
     assert services.repo.get_series(str(long_uid.SeriesInstanceUID)) is None
 

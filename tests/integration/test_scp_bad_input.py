@@ -6,7 +6,6 @@ checked at association (DCMTK storescu and pynetdicom)."""
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from dicom_ai_node.config import NodeSettings
-from dicom_ai_node.devtools.dcmtk import DCMTK_ENV, dcmtk_tool
 from dicom_ai_node.receive.scp import StorageSCP
 from tests.conftest import RunningScp
-from tests.support.bad_input import CASES, LONG_UID, bad_instance, ct_dataset, write_part10
+from tests.support.bad_input import CASES, LONG_UID, bad_instance, ct_dataset, storescu_once, write_part10
 
 INGEST_LOGGER = "dicom_ai_node.receive.ingest"
 
@@ -96,23 +94,7 @@ def test_dcmtk_storescu_with_an_overlong_uid_is_refused_and_nothing_stored(
     ds.SOPInstanceUID = LONG_UID
     path = tmp_path / "long.dcm"
     ds.save_as(path, enforce_file_format=True)
-    proc = subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "AINODE",
-            "127.0.0.1",
-            str(running_scp.port),
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        env=DCMTK_ENV,
-        timeout=60,
-    )
+    proc = storescu_once(running_scp.port, path)
     assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in proc.stdout + proc.stderr
     assert any("0xA900" in r.getMessage() and "STORESCU" in r.getMessage() for r in caplog.records)
     _nothing_kept(running_scp, str(ds.SeriesInstanceUID))
@@ -129,19 +111,13 @@ def test_a_wrong_called_ae_is_rejected_with_reason_7(running_scp: RunningScp) ->
     ok.release()
 
 
-def _storescu_to_wrong_called_ae(port: int, path: Path) -> subprocess.CompletedProcess[str]:
-    """DCMTK storescu sending one file to called AE 'WRONG' (not this node's title)."""
-    argv = [dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", "WRONG", "127.0.0.1", str(port), str(path)]
-    return subprocess.run(argv, capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
-
-
 def test_dcmtk_storescu_with_a_wrong_called_ae_is_refused(
     running_scp: RunningScp, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ds = ct_dataset(tmp_path / "ct")
     path = tmp_path / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
-    proc = _storescu_to_wrong_called_ae(running_scp.port, path)
+    proc = storescu_once(running_scp.port, path, called="WRONG")
     assert proc.returncode != 0
     assert "called ae title not recognized" in (proc.stdout + proc.stderr).lower(), proc.stderr
     assert "called AE 'WRONG' is not this node's 'AINODE'" in caplog.text
@@ -168,7 +144,7 @@ def test_accept_any_called_ae_lets_a_wrong_called_ae_store(
         path = tmp_path / "ct2.dcm"
         other = ct_dataset(tmp_path / "ct2")
         other.save_as(path, enforce_file_format=True)
-        proc = _storescu_to_wrong_called_ae(scp.port, path)
+        proc = storescu_once(scp.port, path, called="WRONG")
         assert proc.returncode == 0, proc.stderr
         assert services.repo.get_series(str(other.SeriesInstanceUID)) is not None
     finally:

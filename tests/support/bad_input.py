@@ -9,6 +9,7 @@ and Instance UID are the File Meta Information's and the data set goes on the wi
 from __future__ import annotations
 
 import struct
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -21,6 +22,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, RTPlanStorage, generate_uid
 
+from dicom_ai_node.devtools.dcmtk import DCMTK_ENV, dcmtk_tool
 from dicom_ai_node.devtools.synthetic import write_ct_series
 
 INVALID_UID = "1.2.3/../4"  # a path in a UID: characters other than digits and dots
@@ -159,3 +161,20 @@ def bad_instance(name: str, directory: Path) -> BadInstance:
     path = build(ds, directory / f"{name}.dcm")
     announced = str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
     return BadInstance(name, path, announced, series, status, reason)
+
+
+def storescu_once(port: int, path: Path, called: str = "AINODE") -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu -v sending one file from STORESCU, output kept whatever the exit status (the
+    refusal tests read storescu's own account of the response; devtools' storescu raises instead)."""
+    argv = [
+        dcmtk_tool("storescu"),
+        "-v",
+        "-aet",
+        "STORESCU",
+        "-aec",
+        called,
+        "127.0.0.1",
+        str(port),
+        str(path),
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
